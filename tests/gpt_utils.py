@@ -1,0 +1,93 @@
+"""Helpers for tests that build small real Megatron GPT models (run inside harness ranks)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.tensor_parallel import random as tp_random
+from megatron.core.transformer import TransformerConfig
+
+from megatron_ppu.config import PPUConfig
+from megatron_ppu.spec import get_gpt_layer_ppu_spec
+
+VOCAB = 128
+SEQ = 16
+
+
+def init_parallel(tp: int = 1, pp: int = 1) -> None:
+    """(Re-)initialise Megatron's parallel state for this layout."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+
+
+def make_config(*, swiglu: bool = False, gqa: bool = False, tp: int = 1, pp: int = 1, sp: bool = False,
+                layers: int = 2, hidden: int = 64, heads: int = 8, ffn: int = 128, bias: bool = True,
+                bf16: bool = False) -> TransformerConfig:
+    import torch.nn.functional as F
+
+    return TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn,
+        num_query_groups=4 if gqa else None, gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu, add_bias_linear=bias,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+    )
+
+
+def build_gpt(config: TransformerConfig, ppu: Optional[PPUConfig] = None, slice_index: int = 0,
+              seed: int = 1234) -> GPTModel:
+    """A GPTModel for this rank's pipeline stage; the same seed gives the same weights with or
+    without PPU (the partial linears split Megatron's own initialised weight)."""
+    torch.manual_seed(seed)
+    tp_random.model_parallel_cuda_manual_seed(seed)
+    spec = get_gpt_layer_local_spec() if ppu is None else get_gpt_layer_ppu_spec(ppu, slice_index)
+    return GPTModel(
+        config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+    )
+
+
+def batch(micro_batch: int = 2, seed: int = 0, num_micro_batches: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(num_micro_batches):
+        tokens = torch.randint(0, VOCAB, (micro_batch, SEQ + 1), generator=g)
+        out.append({
+            "tokens": tokens[:, :-1], "labels": tokens[:, 1:],
+            "position_ids": torch.arange(SEQ).expand(micro_batch, SEQ),
+            "loss_mask": torch.ones(micro_batch, SEQ),
+        })
+    return out
+
+
+def forward_backward(model, config, batches, forward_only: bool = False):
+    """Megatron's own forward-backward schedule (pipelined when PP > 1). Returns mean loss
+    on the last stage, None elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    it = iter(batches)
+
+    def forward_step(data_iterator, model_):
+        b = next(data_iterator)
+        out = model_(b["tokens"], b["position_ids"], None, labels=b["labels"])
+
+        def loss_func(output_tensor):
+            loss = (output_tensor.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_func
+
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=it, model=[model] if not isinstance(model, list) else model,
+        num_microbatches=len(batches), seq_length=SEQ, micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    if losses:
+        return float(torch.stack([l["loss"] for l in losses]).mean())
+    return None
