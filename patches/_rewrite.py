@@ -41,8 +41,8 @@ def rewrite_function(owner, name: str, replacements: Sequence[Replacement], expe
     contain the expected text.
     """
     original = owner.__dict__[name]
-    is_static = isinstance(original, staticmethod)
-    func = _unwrap(original.__func__ if is_static else original)
+    wrapper = type(original) if isinstance(original, (staticmethod, classmethod)) else None
+    func = _unwrap(original.__func__ if wrapper else original)
     module = sys.modules[func.__module__]
     source = textwrap.dedent(inspect.getsource(func))
     total = 0
@@ -70,16 +70,15 @@ def rewrite_function(owner, name: str, replacements: Sequence[Replacement], expe
     exec(code, module.__dict__, namespace)  # noqa: S102 - source is the installed megatron-core's own
     new = namespace["__ppu_factory__"](cls)
     new.__ppu_original__ = original
-    if is_static:
-        new = staticmethod(new)
+    if wrapper is not None:
+        new = wrapper(new)
     setattr(owner, name, new)
     if cls is None:
-        # Rebind `from module import name` copies held by other modules.
-        for mod in list(sys.modules.values()):
-            if isinstance(mod, types.ModuleType) and mod is not owner:
-                try:
-                    if mod.__dict__.get(name) is original:
-                        setattr(mod, name, new)
-                except Exception:  # pragma: no cover - exotic modules
-                    pass
+        # Rebind `from module import name [as alias]` copies held by other megatron modules.
+        for mod_name, mod in list(sys.modules.items()):
+            if mod is owner or not isinstance(mod, types.ModuleType) or not mod_name.startswith("megatron."):
+                continue
+            for attr, value in list(vars(mod).items()):
+                if value is original:
+                    setattr(mod, attr, new)
     return new

@@ -20,7 +20,9 @@ Call sites (megatron/core, 0.16.1):
   ``local_multi_tensor_l2_norm``. Rewritten to ``"cpu"`` with
   :func:`patches._rewrite.rewrite_function`, which fails loudly if the source
   changed.
-* ``param.grad.type() == 'torch.cuda.FloatTensor'`` assertion in clip_grads.
+* Type-string checks ``param.type() == 'torch.cuda.FloatTensor'`` (and Half/BFloat16)
+  in clip_grads, ``Float16OptimizerWithFloat16Params.__init__`` and the distributed
+  optimizer: a CPU tensor's type string has no ``.cuda``.
 * The "CUDA" RNG tracker (tensor_parallel/random.py): ``model_parallel_cuda_manual_seed``,
   attention dropout (``get_cuda_rng_tracker().fork()``) and activation recompute
   (``_get_all_rng_states``) read CUDA generators. :class:`CPURNGStatesTracker`
@@ -67,6 +69,9 @@ def _patch_current_device() -> None:
 
 
 _CUDA_LITERALS = [('device="cuda"', 'device="cpu"'), ("device='cuda'", "device='cpu'")]
+_CUDA_TYPE_STRINGS = [
+    (f"'torch.cuda.{t}Tensor'", f"'torch.{t}Tensor'") for t in ("Float", "Half", "BFloat16")
+]
 
 
 def _patch_cuda_literals() -> None:
@@ -85,6 +90,11 @@ def _patch_cuda_literals() -> None:
         rewrite_function(schedules, name, _CUDA_LITERALS)
     rewrite_function(optimizer.MixedPrecisionOptimizer, "__init__", _CUDA_LITERALS)
     rewrite_function(optimizer.FP32Optimizer, "__init__", _CUDA_LITERALS)
+    rewrite_function(optimizer.Float16OptimizerWithFloat16Params, "__init__", _CUDA_TYPE_STRINGS)
+    from megatron.core.optimizer import distrib_optimizer
+
+    rewrite_function(distrib_optimizer.DistributedOptimizer, "_build_model_and_main_param_groups", _CUDA_TYPE_STRINGS)
+    rewrite_function(distrib_optimizer.DistributedOptimizer, "__init__", _CUDA_TYPE_STRINGS)
     rewrite_function(clip_grads, "get_grad_norm_fp32", _CUDA_LITERALS)
     rewrite_function(
         clip_grads,
