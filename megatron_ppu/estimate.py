@@ -52,14 +52,15 @@ parameters". Reading its text and fitting its seven rows gives, per GPU:
   layers: 8 groups of 3 layers plus a 9th fragment for the embeddings and the
   final norm, Appendix A.1).
 
-So memory = 4 P + (2 + 8) P_train + 4 P_frag + 4 P_frag_train. Observed slope of
-the paper's column: 10.43 GB per billion trainable parameters (= 10 B/param +
-4 B x 0.119 for the staged snapshot); intercept 5.78 GB (4 B x 1.274B + 4 B x
-151M momentum = 5.70 GB). DDP (no outer state) comes out at 14 B x 1.274B =
+So memory = 4 P + (2 + 8) P_train + 4 P_frag + 4 P_frag_train. A straight-line
+fit of the paper's six PPU rows gives 10.43 GB per billion trainable parameters
+and an intercept of 5.78 GB; this model has 10.47 (= 10 B/param + 4 B x 151M /
+1.274B for the staged snapshot) and 5.70 GB (4 B x 1.274B weights + 4 B x 151M
+staged momentum). DDP (no outer state) comes out at 14 B x 1.274B =
 17.8 GB, the paper's "roughly 18 GB" (§2.1).
 
 Result (``tools/estimate.py --paper-table``): the six PPU rows are reproduced
-within 0.3-0.8 % (all slightly low); the Streaming DiLoCo row is 1.7 % low
+within 0.4-0.9 % (all slightly low); the Streaming DiLoCo row is 1.7 % low
 (19.04 vs 19.36 GB). No consistent assumption found here closes that last gap:
 the PPU rows fix the per-trainable-parameter slope to 10.43 B, and extrapolating
 that line to the full model lands at 19.07 GB. The paper's full row may have
@@ -121,6 +122,9 @@ bandwidth"); streaming splits it into per-fragment syncs with the same total.
 Simulated step times (§3.2): DDP max(T_comp, T_comm) (perfect overlap); low-
 communication methods T_comp + T_sync / H (no overlap).
 
+PPU under tensor parallelism: every TP shard of a sliced weight is cut into N
+slices (as ``megatron_ppu.ownership`` does), so each GPU trains 1/N of its shard.
+
 Not modelled: data-parallel ranks inside a replica (distributed optimizer),
 interleaved pipeline schedules, MoE, FP8, CPU/pinned staging buffers beyond the
 one fragment, memory fragmentation and CUDA context / workspace memory.
@@ -131,6 +135,8 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
+
+from megatron_ppu.config import PPUConfig, validate_ppu_config
 
 logger = logging.getLogger(__name__)
 
@@ -366,21 +372,15 @@ def _validate(cfg: EstimateConfig) -> None:
         raise ValueError("recompute_granularity must be 'none', 'selective' or 'full', "
                          f"got {t.recompute_granularity!r}")
 
-    n = p.slices
-    if p.replicas % n:
-        raise ValueError(f"replicas K={p.replicas} must be a multiple of slices N={n} "
-                         "(every slice needs at least one owner): use K = N x integer")
-    if m.ffn % n:
-        raise ValueError(f"ffn_hidden_size {m.ffn} is not divisible by slices N={n}: "
-                         "choose N dividing the FFN width")
-    if p.slice_attention_heads and n > 1 and m.groups % n:
-        raise ValueError(
-            f"slicing attention heads splits the {m.groups} query groups into N={n} "
-            "groups: choose N dividing num_query_groups, or drop slice_attention_heads")
+    # The slicing rules are the implementation's own (each TP shard is cut into N slices).
+    validate_ppu_config(PPUConfig(num_slices=p.slices, slice_attention_heads=p.slice_attention_heads),
+                        num_replicas=p.replicas, ffn_hidden_size=m.ffn,
+                        num_attention_heads=m.num_attention_heads,
+                        num_query_groups=m.num_query_groups, tensor_model_parallel_size=tp)
     if p.streaming_fragments > m.num_layers:
         raise ValueError(f"streaming_fragments F={p.streaming_fragments} exceeds num_layers "
                          f"{m.num_layers}: use at most one fragment per layer")
-    if not p.outer_optimizer and n > 1:
+    if not p.outer_optimizer and p.slices > 1:
         raise ValueError("partial parameter updates (slices > 1) need the outer optimizer: "
                          "set outer_optimizer=True (DDP has no slices)")
     if p.outer_state_placement not in ("device", "stream", "host"):
@@ -429,18 +429,13 @@ def padded_vocab_size(cfg: EstimateConfig) -> int:
 
 
 def _layer_fragment(cfg: EstimateConfig, layer: int) -> int:
-    f, L = cfg.ppu.streaming_fragments, cfg.model.num_layers
-    if f == 1:
-        return 0
-    per = math.ceil(L / f)
-    return layer // per
+    # F contiguous groups whose sizes differ by at most one layer (24 / 8 -> 3 each).
+    return layer * cfg.ppu.streaming_fragments // cfg.model.num_layers
 
 
 def _nonlayer_fragment(cfg: EstimateConfig) -> int:
     f = cfg.ppu.streaming_fragments
-    if f == 1:
-        return 0
-    return _layer_fragment(cfg, cfg.model.num_layers - 1) + 1
+    return 0 if f == 1 else f
 
 
 def _parameter_groups(cfg: EstimateConfig) -> List[_Group]:
