@@ -89,3 +89,71 @@ def validate_ppu_config(
 
 def _divisors(k: int) -> list:
     return [d for d in range(1, k + 1) if k % d == 0]
+
+
+@dataclass(frozen=True)
+class DiLoCoConfig:
+    """DiLoCo / Streaming DiLoCo outer loop (paper Algorithm 1, lines 4-15).
+
+    Attributes:
+        local_steps: H, inner steps between two syncs of a fragment. ``0`` turns the
+            outer loop off: plain synchronous data parallel over all DP ranks (the
+            DDP baseline).
+        outer_lr: outer learning rate (paper: 0.4 for the 1.3B model; DiLoCo: 0.7).
+        outer_momentum: Nesterov momentum of the outer SGD (paper: 0.9).
+        nesterov: Nesterov (True, as in the paper) or heavy-ball momentum.
+        num_replicas: K, the number of replicas (DP ranks are split into K groups).
+        streaming_fragments: F, the number of fragments synchronised at staggered
+            steps (Streaming DiLoCo). ``1`` syncs everything at once. With F > 1 the
+            parameters outside the transformer layers (embeddings, final norm,
+            output layer) form one fragment and the layers of each pipeline stage
+            are cut into the remaining F - 1 groups of consecutive layers; so the
+            paper's "24 layers in 8 groups of 3 + embeddings" is F = 9.
+        allreduce_dtype: dtype of the outer all-reduce payload, "fp32" or "bf16".
+    """
+
+    local_steps: int = 100
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    nesterov: bool = True
+    num_replicas: int = 1
+    streaming_fragments: int = 1
+    allreduce_dtype: str = "fp32"
+
+    @property
+    def enabled(self) -> bool:
+        return self.local_steps > 0
+
+
+def validate_diloco_config(cfg: DiLoCoConfig, *, data_parallel_size: Optional[int] = None) -> None:
+    """Raise ``ValueError`` naming the flag and the fix for an invalid outer-loop schedule."""
+    if cfg.local_steps < 0:
+        raise ValueError(f"--diloco-local-steps must be >= 0 (0 = synchronous DDP), got {cfg.local_steps}.")
+    if cfg.num_replicas < 1:
+        raise ValueError(f"--diloco-replicas must be >= 1, got {cfg.num_replicas}.")
+    if data_parallel_size is not None and data_parallel_size % cfg.num_replicas != 0:
+        raise ValueError(
+            f"--diloco-replicas {cfg.num_replicas} must divide the data-parallel size {data_parallel_size} "
+            f"(world size / (TP x PP)); choose one of "
+            f"{[d for d in range(1, data_parallel_size + 1) if data_parallel_size % d == 0]}."
+        )
+    if cfg.allreduce_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--diloco-allreduce-dtype must be fp32 or bf16, got {cfg.allreduce_dtype!r}.")
+    if not cfg.enabled:
+        if cfg.streaming_fragments != 1:
+            raise ValueError("--diloco-streaming-fragments needs --diloco-local-steps > 0.")
+        return
+    if not cfg.outer_lr > 0:
+        raise ValueError(f"--diloco-outer-lr must be > 0, got {cfg.outer_lr}.")
+    if not 0 <= cfg.outer_momentum < 1:
+        raise ValueError(f"--diloco-outer-momentum must be in [0, 1), got {cfg.outer_momentum}.")
+    if cfg.nesterov and cfg.outer_momentum == 0:
+        raise ValueError("Nesterov outer momentum needs --diloco-outer-momentum > 0.")
+    if cfg.streaming_fragments < 1:
+        raise ValueError(f"--diloco-streaming-fragments must be >= 1, got {cfg.streaming_fragments}.")
+    if cfg.streaming_fragments > cfg.local_steps:
+        raise ValueError(
+            f"--diloco-streaming-fragments {cfg.streaming_fragments} exceeds --diloco-local-steps "
+            f"{cfg.local_steps}: each fragment needs its own sync step within a round (H >= F). "
+            f"Raise --diloco-local-steps or use fewer fragments."
+        )

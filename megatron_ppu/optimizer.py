@@ -22,13 +22,25 @@ from .parallel import ReplicaLayout
 def wrap_model_ddp(model: torch.nn.Module, layout: ReplicaLayout, *,
                    grad_reduce_in_fp32: bool = True, overlap_grad_reduce: bool = False,
                    use_distributed_optimizer: bool = False) -> DistributedDataParallel:
-    """Megatron DDP over this replica's inner-DP group (gradients all-reduced every step there)."""
+    """Megatron DDP over this replica's inner-DP group (gradients all-reduced every step there).
+
+    Also installs Megatron's ``finalize_model_grads`` (with the same process groups)
+    as ``config.finalize_model_grads_func``, which Megatron's forward-backward
+    schedules call at the end of each step: it finishes the DDP gradient all-reduce
+    inside the replica, all-reduces sequence-parallel norm gradients across TP and
+    tied embedding gradients across PP. Without it inner-DP ranks silently diverge.
+    """
+    import functools
+
+    from megatron.core.distributed import finalize_model_grads
+
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
         use_distributed_optimizer=use_distributed_optimizer,
     )
-    return DistributedDataParallel(model.config, ddp_config, model,
-                                   pg_collection=layout.process_group_collection())
+    pgc = layout.process_group_collection()
+    model.config.finalize_model_grads_func = functools.partial(finalize_model_grads, pg_collection=pgc)
+    return DistributedDataParallel(model.config, ddp_config, model, pg_collection=pgc)
 
 
 def build_inner_optimizer(model_chunks: List[DistributedDataParallel], config: OptimizerConfig,
@@ -82,3 +94,23 @@ def predict_state_bytes(owned_elements: int, *, bf16: bool, grad_reduce_in_fp32:
     grad_bytes = 4 if (grad_reduce_in_fp32 or not bf16) else 2
     opt = owned_elements * (8 + (4 if bf16 else 0))
     return StateBytes(grads=owned_elements * grad_bytes, optimizer=opt, trainable_elements=owned_elements)
+
+
+def build_param_scheduler(optimizer, *, lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
+                          decay_steps: int = 1, decay_style: str = "constant", weight_decay: float = 0.0):
+    """Megatron's ``OptimizerParamScheduler`` for the inner optimizer.
+
+    Megatron applies per-group weight-decay multipliers (no decay on biases and
+    1-D parameters) and the learning-rate schedule through this scheduler; an
+    optimizer used without it decays every parameter. Its constructor already sets
+    the groups' lr and weight decay for step 0; call ``.step(1)`` after each
+    optimizer step.
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, warmup_steps + 1),
+        lr_decay_style=decay_style, start_wd=weight_decay, end_wd=weight_decay,
+        wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
+    )
