@@ -79,7 +79,7 @@ def forward_backward(model, config, batches, forward_only: bool = False):
 
         def loss_func(output_tensor):
             loss = (output_tensor.float() * b["loss_mask"]).sum() / b["loss_mask"].sum()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # megatron scales `loss` in place
 
         return out, loss_func
 
