@@ -17,7 +17,9 @@ Call sites (megatron/core, 0.16.1):
   pipeline schedules (``total_num_tokens``), optimizer/optimizer.py
   (``found_inf``, ``_scale_one``, ...), optimizer/clip_grads.py (grad norm,
   zero counting), optimizer/grad_scaler.py (fp16 loss scale), utils.py
-  ``local_multi_tensor_l2_norm``. Rewritten to ``"cpu"`` with
+  ``local_multi_tensor_l2_norm``; and ``weight.data.cuda()`` in
+  ``LanguageModule.setup_embeddings_and_output_layer`` (tied embeddings with PP > 1,
+  where the first and last stages all-reduce the shared weight). Rewritten to ``"cpu"`` with
   :func:`patches._rewrite.rewrite_function`, which fails loudly if the source
   changed.
 * Type-string checks ``param.type() == 'torch.cuda.FloatTensor'`` (and Half/BFloat16)
@@ -105,6 +107,10 @@ def _patch_cuda_literals() -> None:
     rewrite_function(grad_scaler.MegatronGradScaler, "__init__", _CUDA_LITERALS)
     rewrite_function(grad_scaler.DynamicGradScaler, "__init__", _CUDA_LITERALS)
     rewrite_function(mc_utils, "local_multi_tensor_l2_norm", _CUDA_LITERALS)
+    from megatron.core.models.common.language_module import language_module
+
+    rewrite_function(language_module.LanguageModule, "setup_embeddings_and_output_layer",
+                     [("weight.data = weight.data.cuda()", "weight.data = weight.data")], expected=1)
 
 
 def _make_cpu_tracker_class():

@@ -109,7 +109,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, run_info: dict, rank_s
             shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(f"saving checkpoint {final} failed on some rank; the previous checkpoint is intact.")
     if rank == 0:
-        info = dict(run_info, iteration=iteration, format_version=FORMAT_VERSION, world_size=dist.get_world_size())
+        info = dict(run_info, iteration=iteration, format_version=FORMAT_VERSION)
         _atomic_write_text(os.path.join(tmp, "ppu", "run.json"), json.dumps(info, indent=1, sort_keys=True))
         if os.path.exists(final):  # re-save of the same iteration: swap, then drop the old one
             old = f"{tmp}.old"

@@ -76,6 +76,8 @@ class Trainer:
                              f"a multiple of {tp * pp} processes (torchrun --nproc_per_node).")
         if m.num_layers % pp:
             raise ValueError(f"--num-layers {m.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
+        if ps.model_parallel_is_initialized():  # a second run in the same process
+            ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         self.dp = ps.get_data_parallel_world_size()
         self.diloco_on = a.diloco_args.diloco_local_steps > 0
@@ -162,10 +164,10 @@ class Trainer:
         """What a checkpoint must match to be resumed by this run."""
         a = self.args
         return {
+            "world_size": dist.get_world_size(),
             "layout": {"tp": a.parallel.tensor_model_parallel_size, "pp": a.parallel.pipeline_model_parallel_size,
                        "dp": self.dp, "replicas": self.layout.num_replicas},
-            "plan": {"num_slices": self.ppu.num_slices, "slice_attention_heads": self.ppu.slice_attention_heads,
-                     "owned_numel": None},
+            "plan": {"num_slices": self.ppu.num_slices, "slice_attention_heads": self.ppu.slice_attention_heads},
             "model": {k: v for k, v in vars(a.model).items()},
             "diloco_fragments": a.diloco_args.diloco_streaming_fragments if self.diloco_on else 0,
         }
@@ -376,15 +378,21 @@ class Trainer:
         return result
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
-    """Entry point of ``pretrain_gpt_ppu.py``: parse flags, train, evaluate."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    for noisy in ("megatron", "torch"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def run(argv: Optional[List[str]] = None) -> Trainer:
+    """Parse flags, set up, (resume,) train and evaluate; return the trainer
+    (``trainer.losses``, ``trainer.final_eval``)."""
     args = parse_args(argv)
     init_distributed()
     trainer = Trainer(args)
     if args.checkpoint.load:
         trainer.load()
-    result = trainer.train()
-    return result
+    trainer.final_eval = trainer.train()
+    return trainer
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
+    """Entry point of ``pretrain_gpt_ppu.py``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    for noisy in ("megatron", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return run(argv).final_eval
