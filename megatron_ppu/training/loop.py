@@ -121,6 +121,8 @@ class Trainer:
             use_cpu_initialization=not torch.cuda.is_available(),
             bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
             persist_layer_norm=False, gradient_accumulation_fusion=False,
+            recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
+            recompute_num_layers=m.recompute_num_layers,
         )
         torch.manual_seed(t.seed)
         model_parallel_cuda_manual_seed(t.seed)
