@@ -465,11 +465,12 @@ def test_cli_paper_table_and_json(capsys):
     argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
             "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "100",
             "--ppu-slices", "2", "--ppu-slice-attention-heads", "--diloco-replicas", "4",
-            "--diloco-streaming-fragments", "2", "--bandwidth-gbps", "8", "--bf16",
+            "--diloco-streaming-fragments", "3", "--bandwidth-gbps", "8", "--bf16",
             "--step-compute-seconds", "0.1", "--json"]
     assert cli.main(argv) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["config"]["ppu"]["slices"] == 2
+    assert d["config"]["ppu"]["streaming_fragments"] == 2  # trainer's F=3 = embeddings + 2 layer groups
     assert d["comm"]["bandwidth_bytes_per_s"] == 1e9  # 8 Gbit/s = 1 GB/s
     assert d["memory_bytes"]["total"] > d["memory_bytes"]["model_state"] > 0
     assert d["time"]["step_s"] > 0.1

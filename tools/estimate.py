@@ -5,7 +5,7 @@
     python tools/estimate.py --num-layers 24 --hidden-size 2048 --num-attention-heads 16 \\
         --seq-length 1024 --micro-batch-size 16 --vocab-size 32000 --bf16 \\
         --recompute-granularity full --ppu-slices 4 --diloco-replicas 32 \\
-        --diloco-local-steps 100 --diloco-streaming-fragments 8 --bandwidth-gbps 23
+        --diloco-local-steps 100 --diloco-streaming-fragments 9 --bandwidth-gbps 23
 
 Model and parallel flags have Megatron's names and defaults; flags this tool does
 not know are listed on stderr and ignored, so a launch script's flags can be
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--diloco-replicas", type=int, default=1, help="K nodes")
     g.add_argument("--diloco-local-steps", type=int, default=100, help="H")
     g.add_argument("--diloco-streaming-fragments", type=int, default=1,
-                   help="F layer groups (+1 fragment for embeddings when F > 1)")
+                   help="F fragments as in pretrain_gpt_ppu.py: with F > 1, one fragment for "
+                        "embeddings/output plus F-1 groups of layers (paper: 9 = 8 groups + 1)")
     g.add_argument("--ddp", action="store_true",
                    help="plain DDP: per-step gradient all-reduce, no outer optimizer")
     g.add_argument("--outer-state-placement", choices=["device", "stream", "host"],
@@ -130,7 +131,10 @@ def config_from_args(a) -> E.EstimateConfig:
                          tensor_model_parallel_size=a.tensor_model_parallel_size,
                          pipeline_model_parallel_size=a.pipeline_model_parallel_size,
                          sequence_parallel=a.sequence_parallel, recompute_granularity=recompute)
-    f = a.diloco_streaming_fragments
+    if a.diloco_streaming_fragments < 1:
+        raise SystemExit("--diloco-streaming-fragments must be >= 1")
+    # The trainer's F counts the embeddings/output fragment; the model's counts layer groups.
+    f = a.diloco_streaming_fragments - 1 if a.diloco_streaming_fragments > 1 else 1
     ppu = E.PPUShape(slices=a.ppu_slices, slice_attention_heads=a.ppu_slice_attention_heads,
                      replicas=k, local_steps=a.diloco_local_steps, streaming_fragments=f,
                      outer_optimizer=not a.ddp,
