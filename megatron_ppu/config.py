@@ -18,11 +18,19 @@ class PPUConfig:
             Replica k trains slice ``k mod N``. ``1`` means every replica trains
             everything (plain DiLoCo / DDP).
         slice_attention_heads: also slice the Q/K/V projection by head group
-            (query groups under GQA). The output projection W_O is never sliced.
+            (query groups under GQA).
+        slice_attention_output: negative control of the paper (App. C): also slice
+            the output projection W_O (``linear_proj``) by head group. The paper found
+            it degrades perplexity; it exists to reproduce that.
+        frozen_input_jacobian: ``"full"`` (the method: the frozen slices still
+            contribute to the input gradient) or ``"detach"`` (negative control of
+            App. D, "detach-all-but-k": only the owned slice contributes to dX).
     """
 
     num_slices: int = 1
     slice_attention_heads: bool = False
+    slice_attention_output: bool = False
+    frozen_input_jacobian: str = "full"
 
     @property
     def enabled(self) -> bool:
@@ -54,9 +62,12 @@ def validate_ppu_config(
             f"slice must be trained by the same number K/N of replicas. Use a --ppu-slices that "
             f"divides {num_replicas} (e.g. {_divisors(num_replicas)}) or change --diloco-replicas."
         )
+    if ppu.frozen_input_jacobian not in ("full", "detach"):
+        raise ValueError(f"frozen input Jacobian must be 'full' or 'detach', got {ppu.frozen_input_jacobian!r}.")
     if n == 1:
-        if ppu.slice_attention_heads:
-            raise ValueError("--ppu-slice-attention-heads needs --ppu-slices > 1.")
+        if ppu.slice_attention_heads or ppu.slice_attention_output or ppu.frozen_input_jacobian != "full":
+            raise ValueError("--ppu-slice-attention-heads/--ppu-slice-attention-output/"
+                             "--ppu-detach-frozen-jacobian need --ppu-slices > 1.")
         return
     tp = tensor_model_parallel_size
     if ffn_hidden_size % tp != 0 or (ffn_hidden_size // tp) % n != 0:
@@ -72,7 +83,7 @@ def validate_ppu_config(
             "the PPU partial linears compute weight gradients themselves; pass "
             "--no-gradient-accumulation-fusion (gradient_accumulation_fusion=False)."
         )
-    if ppu.slice_attention_heads:
+    if ppu.slice_attention_heads or ppu.slice_attention_output:
         if multi_latent_attention:
             raise ValueError("--ppu-slice-attention-heads is not supported with multi-latent attention.")
         if attention_output_gate:
@@ -81,7 +92,7 @@ def validate_ppu_config(
         what = "--num-query-groups" if num_query_groups and num_query_groups != num_attention_heads else "--num-attention-heads"
         if groups % tp != 0 or (groups // tp) % n != 0:
             raise ValueError(
-                f"with --ppu-slice-attention-heads, the attention head groups per tensor-parallel "
+                f"with head slicing, the attention head groups per tensor-parallel "
                 f"rank ({what} {groups} / TP {tp}) must be divisible by --ppu-slices {n}. Use a "
                 f"multiple of {tp * n} for {what}, fewer slices, or drop --ppu-slice-attention-heads."
             )

@@ -14,7 +14,9 @@ The backward pass (autograd functions below) computes
 * the weight gradient (wgrad) **only for the owned slice**: no GEMM touches the
   frozen rows/columns.
 
-The forward is the full forward, as two GEMMs over the two parts. ``state_dict``
+The forward is the full forward, as two GEMMs over the two parts. (The paper's
+negative control "detach-all-but-k", App. D, drops the frozen part's dgrad term:
+``frozen_input_jacobian="detach"``.) ``state_dict``
 and ``sharded_state_dict`` present every weight in Megatron's full layout
 (``weight``/``bias``), so checkpoints move between plain Megatron and
 megatron_ppu in both directions.
@@ -43,7 +45,7 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from .ownership import SliceLayout, mlp_fc1_layout, mlp_fc2_layout, qkv_layout
+from .ownership import SliceLayout, attention_output_layout, mlp_fc1_layout, mlp_fc2_layout, qkv_layout
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -55,8 +57,9 @@ class _OutputSlicedLinear(torch.autograd.Function):
     """``Y = X W^T`` with W's rows split into owned (trainable) and frozen parts."""
 
     @staticmethod
-    def forward(ctx, x, w_owned, w_frozen, layout: SliceLayout):
+    def forward(ctx, x, w_owned, w_frozen, layout: SliceLayout, detach_frozen: bool = False):
         ctx.layout = layout
+        ctx.detach_frozen = detach_frozen
         ctx.save_for_backward(x, w_owned, w_frozen)
         y_o = _mm(x, w_owned) if layout.owned_size else None
         y_f = _mm(x, w_frozen) if layout.frozen_size else None
@@ -77,10 +80,12 @@ class _OutputSlicedLinear(torch.autograd.Function):
             dx = torch.matmul(dy_o, w_owned)
             if ctx.needs_input_grad[1]:
                 dw = torch.matmul(dy_o.reshape(-1, dy_o.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
-        if layout.frozen_size:
+        if layout.frozen_size and not ctx.detach_frozen:
             dx_f = torch.matmul(layout.take_frozen(dy, -1), w_frozen)
             dx = dx_f if dx is None else dx + dx_f
-        return dx, dw, None, None
+        if dx is None:
+            dx = torch.zeros_like(x)
+        return dx, dw, None, None, None
 
 
 class _InputSlicedLinear(torch.autograd.Function):
@@ -91,8 +96,9 @@ class _InputSlicedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_owned, w_frozen, layout: SliceLayout):
+    def forward(ctx, x, w_owned, w_frozen, layout: SliceLayout, detach_frozen: bool = False):
         ctx.layout = layout
+        ctx.detach_frozen = detach_frozen
         x_o = layout.take_owned(x, -1) if layout.owned_size else None
         y = None
         if x_o is not None:
@@ -108,7 +114,10 @@ class _InputSlicedLinear(torch.autograd.Function):
         x_o, w_owned, w_frozen = ctx.saved_tensors
         layout: SliceLayout = ctx.layout
         dx_o = torch.matmul(dy, w_owned) if layout.owned_size else None
-        dx_f = torch.matmul(dy, w_frozen) if layout.frozen_size else None
+        dx_f = None
+        if layout.frozen_size:
+            dx_f = torch.matmul(dy, w_frozen) if not ctx.detach_frozen else \
+                dy.new_zeros(*dy.shape[:-1], layout.frozen_size)
         if dx_o is None:
             dx = dx_f
         elif dx_f is None:
@@ -118,7 +127,7 @@ class _InputSlicedLinear(torch.autograd.Function):
         dw = None
         if layout.owned_size and ctx.needs_input_grad[1]:
             dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).t(), x_o.reshape(-1, x_o.shape[-1]))
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 @dataclass(frozen=True)
@@ -155,9 +164,12 @@ class PartialLinearMixin:
     ppu_slice_index: int
     ppu_splits: Dict[str, ParamSplit]
 
-    def _ppu_init(self, num_slices: int, slice_index: int) -> None:
+    def _ppu_init(self, num_slices: int, slice_index: int, frozen_input_jacobian: str = "full") -> None:
+        if frozen_input_jacobian not in ("full", "detach"):
+            raise ValueError(f"frozen_input_jacobian must be 'full' or 'detach', got {frozen_input_jacobian!r}.")
         self.ppu_num_slices = num_slices
         self.ppu_slice_index = slice_index
+        self.ppu_detach_frozen = frozen_input_jacobian == "detach"
         self.ppu_splits = {}
         if getattr(self.config, "gradient_accumulation_fusion", False):
             raise ValueError(
@@ -220,11 +232,12 @@ class _PartialColumnParallelLinear(PartialLinearMixin, ColumnParallelLinear):
     def _ppu_weight_layout(self) -> SliceLayout:
         raise NotImplementedError
 
-    def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int, **kwargs):
+    def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int,
+                 frozen_input_jacobian: str = "full", **kwargs):
         if kwargs.get("skip_weight_param_allocation"):
             raise ValueError("PPU partial linears need their own weight (skip_weight_param_allocation=False).")
         ColumnParallelLinear.__init__(self, input_size, output_size, **kwargs)
-        self._ppu_init(num_slices, slice_index)
+        self._ppu_init(num_slices, slice_index, frozen_input_jacobian)
         layout = self._ppu_weight_layout()
         self._ppu_split("weight", 0, layout)
         if self.bias is not None:
@@ -246,7 +259,7 @@ class _PartialColumnParallelLinear(PartialLinearMixin, ColumnParallelLinear):
             total_input = input_
         w = self.ppu_splits["weight"]
         output_parallel = _OutputSlicedLinear.apply(
-            total_input, w.owned_param(self), w.frozen_param(self), w.layout
+            total_input, w.owned_param(self), w.frozen_param(self), w.layout, self.ppu_detach_frozen
         )
         # fc1's/qkv's bias is sliced with the rows; cat() routes its gradient to the owned part.
         bias = self.ppu_splits["bias"].full(self) if "bias" in self.ppu_splits else None
@@ -293,26 +306,26 @@ class PPUQKVColumnParallelLinear(_PartialColumnParallelLinear):
         return qkv_layout(local_groups, rows_per_group, self.ppu_num_slices, self.ppu_slice_index)
 
 
-class PPUMLPRowParallelLinear(PartialLinearMixin, RowParallelLinear):
-    """``mlp.linear_fc2`` training only the columns of hidden-unit slice n. Its bias
-    (shape [hidden]) is not sliced."""
+class _PartialRowParallelLinear(PartialLinearMixin, RowParallelLinear):
+    """RowParallelLinear whose local input columns are split owned/frozen; its bias
+    (shape [output]) is not sliced."""
 
-    def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int, **kwargs):
+    def _ppu_weight_layout(self) -> SliceLayout:
+        raise NotImplementedError
+
+    def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int,
+                 frozen_input_jacobian: str = "full", **kwargs):
         RowParallelLinear.__init__(self, input_size, output_size, **kwargs)
-        self._ppu_init(num_slices, slice_index)
-        if self.input_size_per_partition % num_slices:
-            raise ValueError(
-                f"ffn hidden size per TP rank ({self.input_size_per_partition}) is not divisible "
-                f"by --ppu-slices {num_slices}."
-            )
-        self._ppu_split("weight", 1, mlp_fc2_layout(self.input_size_per_partition, num_slices, slice_index))
+        self._ppu_init(num_slices, slice_index, frozen_input_jacobian)
+        self._ppu_split("weight", 1, self._ppu_weight_layout())
         self.weight = None
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if not self.input_is_parallel:
-            raise ValueError("PPUMLPRowParallelLinear expects input_is_parallel=True (as in megatron's MLP).")
+            raise ValueError(f"{type(self).__name__} expects input_is_parallel=True (as in megatron's GPT layer).")
         w = self.ppu_splits["weight"]
-        output_parallel = _InputSlicedLinear.apply(input_, w.owned_param(self), w.frozen_param(self), w.layout)
+        output_parallel = _InputSlicedLinear.apply(input_, w.owned_param(self), w.frozen_param(self), w.layout,
+                                                   self.ppu_detach_frozen)
         if self.sequence_parallel:
             output_ = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
         else:
@@ -320,3 +333,33 @@ class PPUMLPRowParallelLinear(PartialLinearMixin, RowParallelLinear):
         if not self.skip_bias_add:
             return (output_ + self.bias) if self.bias is not None else output_, None
         return output_, self.bias
+
+
+class PPUMLPRowParallelLinear(_PartialRowParallelLinear):
+    """``mlp.linear_fc2`` training only the columns of hidden-unit slice n."""
+
+    def _ppu_weight_layout(self) -> SliceLayout:
+        if self.input_size_per_partition % self.ppu_num_slices:
+            raise ValueError(
+                f"ffn hidden size per TP rank ({self.input_size_per_partition}) is not divisible "
+                f"by --ppu-slices {self.ppu_num_slices}."
+            )
+        return mlp_fc2_layout(self.input_size_per_partition, self.ppu_num_slices, self.ppu_slice_index)
+
+
+class PPUAttentionOutputRowParallelLinear(_PartialRowParallelLinear):
+    """``self_attention.linear_proj`` (W_O) training only the columns of head group n.
+
+    The paper's negative control (slicing W_O degrades perplexity); not part of the method.
+    """
+
+    def _ppu_weight_layout(self) -> SliceLayout:
+        cfg = self.config
+        tp = self.input_size // self.input_size_per_partition
+        groups = cfg.num_query_groups or cfg.num_attention_heads
+        if groups % tp or (groups // tp) % self.ppu_num_slices:
+            raise ValueError(f"query groups per TP rank ({groups}/{tp}) are not divisible by --ppu-slices "
+                             f"{self.ppu_num_slices}; cannot slice W_O by head group.")
+        local_heads = cfg.num_attention_heads // tp
+        head_dim = self.input_size_per_partition // local_heads
+        return attention_output_layout(local_heads, head_dim, groups // tp, self.ppu_num_slices, self.ppu_slice_index)

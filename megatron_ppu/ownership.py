@@ -25,7 +25,9 @@ Vocabulary (paper §2.2, Algorithm 1):
   ========================  =====  =====================================================
 
   Everything else (embeddings, norms, W_O = ``linear_proj``, fc2's bias, the
-  output layer) is not sliced and is trained by every replica.
+  output layer) is not sliced and is trained by every replica. (The paper's
+  negative control ``slice_attention_output`` also cuts ``linear_proj.weight``
+  along dim 1: the columns of the heads of query groups ``[n*g, (n+1)*g)``.)
 * The count vector m of Algorithm 1: ``m[i] = K/N`` for every element of a sliced
   weight (each element belongs to exactly one slice, and each slice has K/N
   owners) and ``m[i] = K`` for every element of an unsliced weight. It is
@@ -153,6 +155,16 @@ def qkv_layout(local_query_groups: int, rows_per_group: int, num_slices: int, sl
     g = local_query_groups // num_slices
     rows = g * rows_per_group
     return SliceLayout(size=local_query_groups * rows_per_group, owned=((slice_index * rows, (slice_index + 1) * rows),))
+
+
+def attention_output_layout(local_heads: int, head_dim: int, local_query_groups: int, num_slices: int,
+                            slice_index: int) -> SliceLayout:
+    """Columns of the local ``linear_proj`` (W_O) owned by ``slice_index``: the heads of the same
+    query groups as :func:`qkv_layout` (heads are ordered group by group)."""
+    _check_slice(num_slices, slice_index)
+    assert local_query_groups % num_slices == 0 and local_heads % local_query_groups == 0
+    cols = local_heads // num_slices * head_dim
+    return SliceLayout(size=local_heads * head_dim, owned=((slice_index * cols, (slice_index + 1) * cols),))
 
 
 @dataclass(frozen=True)

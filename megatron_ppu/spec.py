@@ -8,7 +8,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from .config import PPUConfig
-from .layers import PPUMLPColumnParallelLinear, PPUMLPRowParallelLinear, PPUQKVColumnParallelLinear
+from .layers import (
+    PPUAttentionOutputRowParallelLinear,
+    PPUMLPColumnParallelLinear,
+    PPUMLPRowParallelLinear,
+    PPUQKVColumnParallelLinear,
+)
 
 
 class _BoundLinear:
@@ -37,7 +42,8 @@ def get_gpt_layer_ppu_spec(
     """Megatron's local GPT layer spec with the PPU partial linears for replica slice ``slice_index``.
 
     With ``ppu.num_slices == 1`` this is Megatron's own local spec unchanged (plain
-    DiLoCo / DDP). ``linear_proj`` (W_O) is never replaced.
+    DiLoCo / DDP). ``linear_proj`` (W_O) is replaced only for the paper's negative
+    control ``ppu.slice_attention_output``.
 
     Args:
         ppu: the slicing configuration.
@@ -58,10 +64,13 @@ def get_gpt_layer_ppu_spec(
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
     if n == 1:
         return spec
+    params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}
     mlp = spec.submodules.mlp.submodules
-    mlp.linear_fc1 = ModuleSpec(module=PPUMLPColumnParallelLinear, params={"num_slices": n, "slice_index": slice_index})
-    mlp.linear_fc2 = ModuleSpec(module=PPUMLPRowParallelLinear, params={"num_slices": n, "slice_index": slice_index})
+    mlp.linear_fc1 = ModuleSpec(module=PPUMLPColumnParallelLinear, params=dict(params))
+    mlp.linear_fc2 = ModuleSpec(module=PPUMLPRowParallelLinear, params=dict(params))
+    attn = spec.submodules.self_attention.submodules
     if ppu.slice_attention_heads:
-        attn = spec.submodules.self_attention.submodules
-        attn.linear_qkv = _BoundLinear(PPUQKVColumnParallelLinear, num_slices=n, slice_index=slice_index)
+        attn.linear_qkv = _BoundLinear(PPUQKVColumnParallelLinear, **params)
+    if ppu.slice_attention_output:
+        attn.linear_proj = ModuleSpec(module=PPUAttentionOutputRowParallelLinear, params=dict(params))
     return spec

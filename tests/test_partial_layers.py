@@ -70,13 +70,27 @@ def test_autograd_function_matches_full_linear(kind):
     torch.testing.assert_close(gw, lay.take_owned(gw_ref, dim))  # owned slice only
     assert torch.autograd.gradcheck(lambda a, b: fn.apply(a, b, frozen, lay), (x, owned))
 
+    # Negative control "detach-all-but-k" (paper App. D): only the owned slice contributes to dX.
+    w_owned_only = torch.zeros_like(w)
+    if kind == "output":
+        w_owned_only[list(range(3, 6)) + list(range(9, 12))] = w[list(range(3, 6)) + list(range(9, 12))]
+    else:
+        w_owned_only[:, list(range(3, 6)) + list(range(9, 12))] = w[:, list(range(3, 6)) + list(range(9, 12))]
+    gx_detach_ref = torch.autograd.grad(F.linear(x, w_owned_only), x, dy)[0]
+    y = fn.apply(x, owned, frozen, lay, True)
+    torch.testing.assert_close(y, y_ref)  # forward unchanged
+    gx, gw = torch.autograd.grad(y, (x, owned), dy)
+    torch.testing.assert_close(gx, gx_detach_ref)
+    torch.testing.assert_close(gw, lay.take_owned(gw_ref, dim))
+
 
 # --------------------------------------------- against a plain megatron GPTModel
-VARIANTS = [  # (swiglu, gqa, slice_heads, N)
-    (False, False, False, 2),
-    (True, False, False, 4),
-    (False, False, True, 2),
-    (True, True, True, 2),
+VARIANTS = [  # (swiglu, gqa, slice_heads, N, slice_w_o)
+    (False, False, False, 2, False),
+    (True, False, False, 4, False),
+    (False, False, True, 2, False),
+    (True, True, True, 2, False),
+    (False, True, True, 2, True),  # the paper's negative control: W_O sliced too
 ]
 
 
@@ -89,11 +103,11 @@ def _grads_worker(rank, world_size, tp, pp, sp):
 
     dp_rank = ps.get_data_parallel_rank()
     report = []
-    for swiglu, gqa, heads, n_slices in VARIANTS:
+    for swiglu, gqa, heads, n_slices, w_o in VARIANTS:
         cfg = G.make_config(swiglu=swiglu, gqa=gqa, tp=tp, pp=pp, sp=sp, layers=2 if pp == 1 else 4)
         slice_index = (dp_rank + 1) % n_slices  # different ranks of a DP pair exercise different slices
         ref = G.build_gpt(cfg)
-        ppu = G.build_gpt(cfg, PPUConfig(n_slices, heads), slice_index)
+        ppu = G.build_gpt(cfg, PPUConfig(n_slices, heads, w_o), slice_index)
         ref_sd, ppu_sd = ref.state_dict(), ppu.state_dict()
         assert ref_sd.keys() == ppu_sd.keys()
         for k, v in ref_sd.items():
@@ -134,9 +148,10 @@ def _grads_worker(rank, world_size, tp, pp, sp):
             if not (name.endswith("_owned") or name.endswith("_frozen")):
                 torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)
         layers_here = len(ppu.decoder.layers)
-        expected_sliced = layers_here * ((3 if heads else 2) + (2 if heads else 1))  # weights + sliced biases
+        # weights (fc1, fc2, [qkv], [W_O]) + sliced biases (fc1, [qkv])
+        expected_sliced = layers_here * ((3 if heads else 2) + (2 if heads else 1) + (1 if w_o else 0))
         assert checked_sliced == expected_sliced, (checked_sliced, expected_sliced)
-        report.append((swiglu, gqa, heads, n_slices, slice_index, checked_sliced))
+        report.append((swiglu, gqa, heads, n_slices, w_o, slice_index, checked_sliced))
     return report
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -135,16 +136,17 @@ class PreprocessReport:
     workers: int = 1
     partitions: int = 1
     seconds: float = 0.0
+    encode_seconds: float = 0.0
 
     @property
     def documents_per_second(self) -> float:
-        """Input documents (non-blank lines) per second."""
-        return self.documents / self.seconds if self.seconds > 0 else 0.0
+        """Input documents (non-blank lines) per second of encoding (setup excluded)."""
+        return self.documents / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
     @property
     def megabytes_per_second(self) -> float:
-        """Input MiB per second."""
-        return self.input_bytes / 2**20 / self.seconds if self.seconds > 0 else 0.0
+        """Input MiB per second of encoding (setup excluded)."""
+        return self.input_bytes / 2**20 / self.encode_seconds if self.encode_seconds > 0 else 0.0
 
     def summary(self) -> str:
         """A human-readable multi-line report."""
@@ -152,9 +154,9 @@ class PreprocessReport:
             f"input: {len(self.input_files)} file(s), {self.documents} documents, "
             f"{self.input_bytes / 2**20:.2f} MiB; {self.blank_lines} blank lines, "
             f"{self.skipped_malformed} malformed lines skipped",
-            f"time: {self.seconds:.2f} s ({self.documents_per_second:.1f} docs/s, "
-            f"{self.megabytes_per_second:.2f} MiB/s) with {self.workers} worker(s), "
-            f"{self.partitions} partition(s)",
+            f"time: {self.seconds:.2f} s in all, encoding {self.encode_seconds:.2f} s "
+            f"({self.documents_per_second:.1f} docs/s, {self.megabytes_per_second:.2f} MiB/s) "
+            f"with {self.workers} worker(s), {self.partitions} partition(s)",
         ]
         for key, prefix in self.outputs.items():
             lines.append(
@@ -205,6 +207,7 @@ class DocumentEncoder:
             config.tokenizer_type, config.tokenizer_model, config.vocab_size
         )
         self.eod = self.tokenizer.eod
+        self.id_dtype = numpy.int32 if self.tokenizer.vocab_size < 2**31 else numpy.int64
         self.splitter = None
         if config.split_sentences:
             from megatron_ppu.data.sentence_split import build_sentence_splitter
@@ -259,19 +262,29 @@ class DocumentEncoder:
                 if self.append_eod:
                     ids.append(self.eod)
                     lengths[-1] += 1
-                entries.append((numpy.asarray(ids, dtype=numpy.int64), lengths))
+                entries.append((numpy.asarray(ids, dtype=self.id_dtype), lengths))
             return _DOC, entries, len(raw)
         except MalformedInputError as exc:
             return _ERROR, exc, len(raw)
 
 
 def _worker_init(config: PreprocessConfig, paths: Sequence[str]) -> None:
+    # A forked worker inherits the parent's heap (torch, megatron-core: millions of objects);
+    # without freezing it, every full garbage collection walks and dirties those pages, which
+    # made sentence splitting with 2 workers slower than with 1.
+    gc.freeze()
     # Per-process state of a Pool worker: the encoder lives on this function object, so the
-    # parent process holds no module-level state.
-    _worker_encode.encoder = DocumentEncoder(config, paths)
+    # parent process holds no module-level state. A failing initializer would make the Pool
+    # respawn workers forever, so the error is kept and raised by the first task instead.
+    try:
+        _worker_encode.encoder, _worker_encode.error = DocumentEncoder(config, paths), None
+    except Exception as exc:  # noqa: BLE001 - re-raised in _worker_encode
+        _worker_encode.encoder, _worker_encode.error = None, exc
 
 
 def _worker_encode(item):
+    if _worker_encode.encoder is None:
+        raise _worker_encode.error
     return _worker_encode.encoder.encode(item)
 
 
@@ -375,6 +388,7 @@ def _encode_range(
 
 def _partition_entry(config, paths, start, stop, prefixes, workers, dtype, label, result_path):
     """Body of a partition process: run :func:`_encode_range`, pickle the stats or the error."""
+    gc.freeze()
     try:
         outcome = ("ok", _encode_range(config, paths, start, stop, prefixes, workers, dtype, label))
     except BaseException as exc:  # noqa: BLE001 - the parent re-raises it
@@ -503,10 +517,12 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessReport:
     )
     try:
         tmp = {key: os.path.join(tmp_dir, f"out_{n}") for n, key in enumerate(config.json_keys)}
+        encode_begin = time.perf_counter()
         if config.partitions == 1:
             stats = _encode_range(config, paths, 0, None, tmp, config.workers, dtype)
         else:
             stats = _run_partitions(config, paths, tmp_dir, tmp, dtype)
+        encode_seconds = time.perf_counter() - encode_begin
         for key in config.json_keys:
             if stats.documents_written[key] == 0:
                 raise EmptyOutputError(
@@ -539,10 +555,11 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessReport:
         workers=config.workers,
         partitions=config.partitions,
         seconds=time.perf_counter() - begin,
+        encode_seconds=encode_seconds,
     )
     logger.info(
         "Done: %d documents in %.2f s (%.1f docs/s, %.2f MB/s)",
-        report.documents, report.seconds, report.documents_per_second,
+        report.documents, report.encode_seconds, report.documents_per_second,
         report.megabytes_per_second,
     )
     return report
@@ -585,7 +602,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="Log progress every N documents.")
     group.add_argument("--chunksize", type=int, default=32, help="Documents per worker task.")
     group.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None,
-                       help="multiprocessing start method (default: fork where available).")
+                       help="multiprocessing start method; unset: fork where available, else spawn.")
     group.add_argument("--keep-sequential-samples", action="store_true",
                        help="Accepted for Megatron-LM compatibility; order is always kept.")
     return parser

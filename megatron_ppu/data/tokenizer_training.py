@@ -358,12 +358,18 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TokenizerTrainingResult:
             )
         except (RuntimeError, OSError) as exc:
             hint = ""
-            if "Vocabulary size" in str(exc) or "vocab_size" in str(exc):
+            if "smaller than required_chars" in str(exc):
                 hint = (
-                    " The corpus cannot fill that many pieces (or the character set needs more):"
-                    " lower --vocab-size, or pass --no-hard-vocab-limit."
+                    " The characters of the corpus (plus 256 byte pieces with byte fallback) do "
+                    "not fit: raise --vocab-size or lower --character-coverage."
                 )
-            raise TokenizerTrainingError(f"SentencePiece training failed: {exc}.{hint}") from None
+            elif "Vocabulary size too high" in str(exc):
+                hint = (
+                    " The corpus is too small for that many pieces: lower --vocab-size, or pass "
+                    "--no-hard-vocab-limit."
+                )
+            detail = str(exc).strip().rstrip(".")
+            raise TokenizerTrainingError(f"SentencePiece training failed: {detail}.{hint}") from None
         processor = sentencepiece.SentencePieceProcessor(
             model_file=os.path.join(tmp_dir, "spm.model")
         )

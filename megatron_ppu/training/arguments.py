@@ -134,6 +134,9 @@ class PPUArgs:
 
     ppu_slices: int = _f(1, "N: slices of every MLP (1 = train everything).")
     ppu_slice_attention_heads: bool = _f(False, "Also slice Q/K/V by head group.")
+    ppu_slice_attention_output: bool = _f(False, "Negative control (paper App. C): also slice W_O by head group.")
+    ppu_detach_frozen_jacobian: bool = _f(False, "Negative control (paper App. D): drop the frozen slices' "
+                                                 "contribution to the input gradient.")
 
 
 @dataclass
@@ -168,7 +171,9 @@ class TrainArgs:
     diloco_args: DiLoCoArgs
 
     def ppu(self) -> PPUConfig:
-        return PPUConfig(self.ppu_args.ppu_slices, self.ppu_args.ppu_slice_attention_heads)
+        p = self.ppu_args
+        return PPUConfig(p.ppu_slices, p.ppu_slice_attention_heads, p.ppu_slice_attention_output,
+                         "detach" if p.ppu_detach_frozen_jacobian else "full")
 
     def diloco(self, num_replicas: int) -> DiLoCoConfig:
         d = self.diloco_args
@@ -300,5 +305,6 @@ def validate_args(a: TrainArgs) -> None:
     if dl.diloco_local_steps == 0 and dl.diloco_replicas not in (None, 1):
         raise ValueError("--diloco-replicas needs --diloco-local-steps > 0 (synchronous DDP has one replica).")
     validate_diloco_config(a.diloco(dl.diloco_replicas or 1))
-    if ppu.num_slices < 1:
+    if ppu.num_slices < 1 or (ppu.num_slices == 1 and (ppu.slice_attention_heads or ppu.slice_attention_output
+                                                          or ppu.frozen_input_jacobian != "full")):
         validate_ppu_config(ppu, num_replicas=1, ffn_hidden_size=1, num_attention_heads=1, num_query_groups=None)

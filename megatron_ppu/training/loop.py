@@ -169,7 +169,9 @@ class Trainer:
             "world_size": dist.get_world_size(),
             "layout": {"tp": a.parallel.tensor_model_parallel_size, "pp": a.parallel.pipeline_model_parallel_size,
                        "dp": self.dp, "replicas": self.layout.num_replicas},
-            "plan": {"num_slices": self.ppu.num_slices, "slice_attention_heads": self.ppu.slice_attention_heads},
+            "plan": {"num_slices": self.ppu.num_slices, "slice_attention_heads": self.ppu.slice_attention_heads,
+                     "slice_attention_output": self.ppu.slice_attention_output,
+                     "frozen_input_jacobian": self.ppu.frozen_input_jacobian},
             "model": {k: v for k, v in vars(a.model).items()},
             "diloco_fragments": a.diloco_args.diloco_streaming_fragments if self.diloco_on else 0,
         }
