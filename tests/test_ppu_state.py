@@ -167,7 +167,7 @@ def test_full_layout_checkpoint_moves_between_ppu_and_plain_megatron(tmp_path):
     (dict(ppu=PPUConfig(2, True), num_replicas=2, num_attention_heads=6, tensor_model_parallel_size=2), "--num-attention-heads"),
     (dict(ppu=PPUConfig(2, True), num_replicas=2, num_query_groups=2, tensor_model_parallel_size=2), "--num-query-groups"),
     (dict(ppu=PPUConfig(1, True), num_replicas=2), "need --ppu-slices > 1"),
-    (dict(ppu=PPUConfig(2, False, False, "half"), num_replicas=2), "must be .full. or .detach."),
+    (dict(ppu=PPUConfig(2, False, False, "half"), num_replicas=2), "must be 'full' or 'detach'"),
     (dict(ppu=PPUConfig(0), num_replicas=2), "positive integer"),
     (dict(ppu=PPUConfig(2), num_replicas=2, num_moe_experts=8), "mixture-of-experts"),
     (dict(ppu=PPUConfig(2), num_replicas=2, gradient_accumulation_fusion=True), "no-gradient-accumulation-fusion"),
