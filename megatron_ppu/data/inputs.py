@@ -108,7 +108,9 @@ def expand_input_paths(spec: Union[str, Sequence[str]]) -> List[str]:
     for entry in [spec] if isinstance(spec, str) else list(spec):
         items.extend(part for part in str(entry).split(",") if part)
     if not items:
-        raise InputFileNotFoundError("No input file was given: pass --input PATH (a file or a glob).")
+        raise InputFileNotFoundError(
+            "No input file was given: pass --input PATH (a file or a glob)."
+        )
     paths: List[str] = []
     for item in items:
         item = os.path.expanduser(item)

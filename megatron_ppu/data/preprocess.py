@@ -586,7 +586,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--keep-newlines", action="store_true",
                        help="Keep newlines between sentences when splitting.")
     group.add_argument("--skip-malformed", action="store_true",
-                       help="Skip and count malformed JSON / invalid UTF-8 lines instead of failing.")
+                       help="Skip and count malformed JSON / invalid UTF-8 lines instead of "
+                            "failing.")
     group = parser.add_argument_group("tokenization process")
     group.add_argument("--append-eod", action="store_true",
                        help="Append an end-of-document token to every document.")
@@ -602,7 +603,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="Log progress every N documents.")
     group.add_argument("--chunksize", type=int, default=32, help="Documents per worker task.")
     group.add_argument("--start-method", choices=["fork", "spawn", "forkserver"], default=None,
-                       help="multiprocessing start method; unset: fork where available, else spawn.")
+                       help="multiprocessing start method; unset: fork where available, "
+                            "else spawn.")
     group.add_argument("--keep-sequential-samples", action="store_true",
                        help="Accepted for Megatron-LM compatibility; order is always kept.")
     return parser

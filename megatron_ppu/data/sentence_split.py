@@ -122,6 +122,8 @@ class SentenceSplitter:
     tokenize = split
 
 
-def build_sentence_splitter(keep_newlines: bool = False, language: str = "english") -> SentenceSplitter:
+def build_sentence_splitter(
+    keep_newlines: bool = False, language: str = "english"
+) -> SentenceSplitter:
     """Build a :class:`SentenceSplitter`, failing early with a clear error if unavailable."""
     return SentenceSplitter(keep_newlines=keep_newlines, language=language)

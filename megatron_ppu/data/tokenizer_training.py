@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, IO, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 from megatron_ppu.data.inputs import (
     DataToolError,
@@ -275,7 +275,8 @@ def iter_training_sentences(
 
 
 def _trainer_options(config: TokenizerTrainingConfig) -> Dict[str, object]:
-    normalization = config.normalization_rule_name or ("identity" if config.lossless else "nmt_nfkc")
+    default_rule = "identity" if config.lossless else "nmt_nfkc"
+    normalization = config.normalization_rule_name or default_rule
     options: Dict[str, object] = dict(
         vocab_size=int(config.vocab_size),
         model_type=config.model_type,
@@ -369,7 +370,9 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TokenizerTrainingResult:
                     "--no-hard-vocab-limit."
                 )
             detail = str(exc).strip().rstrip(".")
-            raise TokenizerTrainingError(f"SentencePiece training failed: {detail}.{hint}") from None
+            raise TokenizerTrainingError(
+                f"SentencePiece training failed: {detail}.{hint}"
+            ) from None
         processor = sentencepiece.SentencePieceProcessor(
             model_file=os.path.join(tmp_dir, "spm.model")
         )
@@ -408,7 +411,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True,
-                       help="Input files or globs (JSONL, or plain text with one sentence per line).")
+                       help="Input files or globs (JSONL, or plain text with one sentence "
+                            "per line).")
     group.add_argument("--json-keys", nargs="+", default=["text"],
                        help="Keys whose text is used, for JSONL inputs.")
     group.add_argument("--input-format", choices=["auto", "jsonl", "text"], default="auto",
@@ -416,7 +420,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-documents", type=int, default=None,
                        help="Use at most this many documents.")
     group.add_argument("--skip-malformed", action="store_true",
-                       help="Skip and count malformed JSON / invalid UTF-8 lines instead of failing.")
+                       help="Skip and count malformed JSON / invalid UTF-8 lines instead of "
+                            "failing.")
     group = parser.add_argument_group("model")
     group.add_argument("--output-prefix", "--model-prefix", dest="output_prefix", required=True,
                        help="Writes PREFIX.model and PREFIX.vocab.")
