@@ -25,12 +25,17 @@ class PPUConfig:
         frozen_input_jacobian: ``"full"`` (the method: the frozen slices still
             contribute to the input gradient) or ``"detach"`` (negative control of
             App. D, "detach-all-but-k": only the owned slice contributes to dX).
+        mlp_forward_masking: subnetwork data parallelism's neuron plan with forward
+            masking (see :mod:`megatron_ppu.subnet`): in training the MLP hidden units
+            this replica does not own are dropped from the forward pass too, with the
+            MLP output scaled by N; evaluation uses the full MLP.
     """
 
     num_slices: int = 1
     slice_attention_heads: bool = False
     slice_attention_output: bool = False
     frozen_input_jacobian: str = "full"
+    mlp_forward_masking: bool = False
 
     @property
     def enabled(self) -> bool:

@@ -164,7 +164,9 @@ class PartialLinearMixin:
     ppu_slice_index: int
     ppu_splits: Dict[str, ParamSplit]
 
-    def _ppu_init(self, num_slices: int, slice_index: int, frozen_input_jacobian: str = "full") -> None:
+    def _ppu_init(self, num_slices: int, slice_index: int, frozen_input_jacobian: str = "full",
+                  forward_mask: bool = False) -> None:
+        self.ppu_forward_mask = forward_mask
         if frozen_input_jacobian not in ("full", "detach"):
             raise ValueError(f"frozen_input_jacobian must be 'full' or 'detach', got {frozen_input_jacobian!r}.")
         self.ppu_num_slices = num_slices
@@ -233,11 +235,11 @@ class _PartialColumnParallelLinear(PartialLinearMixin, ColumnParallelLinear):
         raise NotImplementedError
 
     def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int,
-                 frozen_input_jacobian: str = "full", **kwargs):
+                 frozen_input_jacobian: str = "full", forward_mask: bool = False, **kwargs):
         if kwargs.get("skip_weight_param_allocation"):
             raise ValueError("PPU partial linears need their own weight (skip_weight_param_allocation=False).")
         ColumnParallelLinear.__init__(self, input_size, output_size, **kwargs)
-        self._ppu_init(num_slices, slice_index, frozen_input_jacobian)
+        self._ppu_init(num_slices, slice_index, frozen_input_jacobian, forward_mask)
         layout = self._ppu_weight_layout()
         self._ppu_split("weight", 0, layout)
         if self.bias is not None:
@@ -258,11 +260,16 @@ class _PartialColumnParallelLinear(PartialLinearMixin, ColumnParallelLinear):
         else:
             total_input = input_
         w = self.ppu_splits["weight"]
-        output_parallel = _OutputSlicedLinear.apply(
-            total_input, w.owned_param(self), w.frozen_param(self), w.layout, self.ppu_detach_frozen
-        )
-        # fc1's/qkv's bias is sliced with the rows; cat() routes its gradient to the owned part.
-        bias = self.ppu_splits["bias"].full(self) if "bias" in self.ppu_splits else None
+        if self.ppu_forward_mask and self.training:
+            # Forward masking (SDP neuron plan): only the owned rows exist in this forward.
+            output_parallel = torch.matmul(total_input, w.owned_param(self).t())
+            bias = self.ppu_splits["bias"].owned_param(self) if "bias" in self.ppu_splits else None
+        else:
+            output_parallel = _OutputSlicedLinear.apply(
+                total_input, w.owned_param(self), w.frozen_param(self), w.layout, self.ppu_detach_frozen
+            )
+            # fc1's/qkv's bias is sliced with the rows; cat() routes its gradient to the owned part.
+            bias = self.ppu_splits["bias"].full(self) if "bias" in self.ppu_splits else None
         if bias is not None and not self.skip_bias_add:
             output_parallel = output_parallel + bias
         gather_output = self.gather_output if runtime_gather_output is None else runtime_gather_output
@@ -314,9 +321,9 @@ class _PartialRowParallelLinear(PartialLinearMixin, RowParallelLinear):
         raise NotImplementedError
 
     def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int,
-                 frozen_input_jacobian: str = "full", **kwargs):
+                 frozen_input_jacobian: str = "full", forward_mask: bool = False, **kwargs):
         RowParallelLinear.__init__(self, input_size, output_size, **kwargs)
-        self._ppu_init(num_slices, slice_index, frozen_input_jacobian)
+        self._ppu_init(num_slices, slice_index, frozen_input_jacobian, forward_mask)
         self._ppu_split("weight", 1, self._ppu_weight_layout())
         self.weight = None
 
@@ -324,8 +331,13 @@ class _PartialRowParallelLinear(PartialLinearMixin, RowParallelLinear):
         if not self.input_is_parallel:
             raise ValueError(f"{type(self).__name__} expects input_is_parallel=True (as in megatron's GPT layer).")
         w = self.ppu_splits["weight"]
-        output_parallel = _InputSlicedLinear.apply(input_, w.owned_param(self), w.frozen_param(self), w.layout,
-                                                   self.ppu_detach_frozen)
+        if self.ppu_forward_mask and self.training:
+            # Forward masking: the input holds only the owned hidden units; inverted-dropout
+            # scaling by 1/keep = N keeps the MLP output's expected magnitude.
+            output_parallel = torch.matmul(input_, w.owned_param(self).t()) * (w.layout.size / w.layout.owned_size)
+        else:
+            output_parallel = _InputSlicedLinear.apply(input_, w.owned_param(self), w.frozen_param(self),
+                                                       w.layout, self.ppu_detach_frozen)
         if self.sequence_parallel:
             output_ = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
         else:

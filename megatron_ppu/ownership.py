@@ -265,13 +265,15 @@ class OwnershipPlan:
         }
 
 
-def build_ownership_plan(model: torch.nn.Module, num_replicas: int, num_slices: int, replica_index: int) -> OwnershipPlan:
+def build_ownership_plan(model: torch.nn.Module, num_replicas: int, num_slices: int, replica_index: int,
+                         owners_fn=None) -> OwnershipPlan:
     """Walk ``model`` and describe every parameter's ownership on this rank.
 
     Partial linears (see :mod:`megatron_ppu.layers`) report their sliced tensors;
-    every other parameter is unsliced and counted with ``owners = K`` if it is
-    trainable. The slice index the layers were built with must match
-    ``replica_index mod num_slices``.
+    every other parameter is unsliced, trained here if it requires grad, and held by
+    ``owners_fn(name)`` replicas (default: K; the block plan of
+    :mod:`megatron_ppu.subnet` passes its per-block holder counts). The slice index the
+    layers were built with must match ``replica_index mod num_slices``.
     """
     from .layers import PartialLinearMixin
 
@@ -300,9 +302,10 @@ def build_ownership_plan(model: torch.nn.Module, num_replicas: int, num_slices: 
             if pname in handled:
                 continue
             name = prefix + pname
+            owners = owners_fn(name) if owners_fn is not None else (num_replicas if p.requires_grad else 0)
             plan.params[name] = ParamOwnership(
                 name=name, shape=tuple(p.shape), sliced=False, dim=None,
                 owned=((0, p.shape[0] if p.dim() else 1),) if p.requires_grad else (),
-                owners=num_replicas if p.requires_grad else 0,
+                owners=owners,
             )
     return plan

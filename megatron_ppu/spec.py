@@ -65,9 +65,10 @@ def get_gpt_layer_ppu_spec(
     if n == 1:
         return spec
     params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}
+    mlp_params = dict(params, forward_mask=ppu.mlp_forward_masking)
     mlp = spec.submodules.mlp.submodules
-    mlp.linear_fc1 = ModuleSpec(module=PPUMLPColumnParallelLinear, params=dict(params))
-    mlp.linear_fc2 = ModuleSpec(module=PPUMLPRowParallelLinear, params=dict(params))
+    mlp.linear_fc1 = ModuleSpec(module=PPUMLPColumnParallelLinear, params=dict(mlp_params))
+    mlp.linear_fc2 = ModuleSpec(module=PPUMLPRowParallelLinear, params=dict(mlp_params))
     attn = spec.submodules.self_attention.submodules
     if ppu.slice_attention_heads:
         attn.linear_qkv = _BoundLinear(PPUQKVColumnParallelLinear, **params)

@@ -154,7 +154,22 @@ class DiLoCoArgs:
     diloco_allreduce_dtype: str = _f("fp32", "Outer all-reduce payload dtype.", choices=["fp32", "bf16"])
 
 
-GROUPS = [ModelArgs, TrainingArgs, PrecisionArgs, ParallelArgs, DataArgs, CheckpointArgs, PPUArgs, DiLoCoArgs]
+@dataclass
+class SubnetArgs:
+    """Subnetwork data parallelism (see :mod:`megatron_ppu.subnet`)."""
+
+    subnet_plan: str = _f("ppu", "Ownership plan: ppu (MLP slices, backward masking), neurons (MLP slices, "
+                                 "forward masking), blocks (transformer blocks).",
+                          choices=["ppu", "neurons", "blocks"])
+    subnet_masking: str = _f("backward", "backward: full forward, sparse backward; forward: the non-held "
+                                         "part is skipped in the forward too.", choices=["backward", "forward"])
+    subnet_coverage: float = _f(1.0, "Blocks plan: fraction of the transformer blocks each replica holds.")
+    subnet_sync: str = _f("outer", "outer: sync every H steps through DiLoCo; step: SDP, gradients averaged "
+                                   "over each parameter's holders every step.", choices=["outer", "step"])
+
+
+GROUPS = [ModelArgs, TrainingArgs, PrecisionArgs, ParallelArgs, DataArgs, CheckpointArgs, PPUArgs, DiLoCoArgs,
+          SubnetArgs]
 
 
 @dataclass
@@ -169,11 +184,26 @@ class TrainArgs:
     checkpoint: CheckpointArgs
     ppu_args: PPUArgs
     diloco_args: DiLoCoArgs
+    subnet_args: SubnetArgs
+    explicit_flags: frozenset = frozenset()
 
     def ppu(self) -> PPUConfig:
         p = self.ppu_args
         return PPUConfig(p.ppu_slices, p.ppu_slice_attention_heads, p.ppu_slice_attention_output,
-                         "detach" if p.ppu_detach_frozen_jacobian else "full")
+                         "detach" if p.ppu_detach_frozen_jacobian else "full",
+                         mlp_forward_masking=self.subnet_args.subnet_plan == "neurons")
+
+    def subnet(self):
+        from ..subnet import SubnetConfig
+
+        s = self.subnet_args
+        return SubnetConfig(plan=s.subnet_plan, masking=s.subnet_masking, coverage=s.subnet_coverage,
+                            sync=s.subnet_sync, seed=self.training.seed)
+
+    @property
+    def uses_replicas(self) -> bool:
+        """Whether DP ranks form replicas (DiLoCo outer loop or per-step SDP) rather than plain DDP."""
+        return self.diloco_args.diloco_local_steps > 0 or self.subnet_args.subnet_sync == "step"
 
     def diloco(self, num_replicas: int) -> DiLoCoConfig:
         d = self.diloco_args
@@ -239,7 +269,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
         )
     values = vars(ns)
     groups = {cls: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for cls in GROUPS}
-    args = TrainArgs(*groups.values())
+    explicit = frozenset(a.split("=")[0][2:].replace("-", "_") for a in (argv or []) if a.startswith("--"))
+    args = TrainArgs(*groups.values(), explicit_flags=explicit)
     validate_args(args)
     return args
 
@@ -298,11 +329,21 @@ def validate_args(a: TrainArgs) -> None:
     for name in ("eval_interval", "log_interval"):
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
-    ppu, dl = a.ppu(), a.diloco_args
-    if ppu.enabled and dl.diloco_local_steps == 0:
+    ppu, dl, sn = a.ppu(), a.diloco_args, a.subnet_args
+    if sn.subnet_sync == "step":
+        unused = sorted(f for f in ("diloco_local_steps", "diloco_outer_lr", "diloco_outer_momentum",
+                                    "diloco_streaming_fragments") if f in a.explicit_flags)
+        if unused:
+            raise ValueError(f"--subnet-sync step synchronises every step without the outer optimizer, so "
+                             f"{', '.join('--' + u.replace('_', '-') for u in unused)} would be ignored; "
+                             f"drop them or use --subnet-sync outer.")
+    elif ppu.enabled and dl.diloco_local_steps == 0:
         raise ValueError("--ppu-slices > 1 needs the DiLoCo outer loop (--diloco-local-steps > 0): with "
                          "per-step gradient all-reduce the frozen slices would never be updated.")
-    if dl.diloco_local_steps == 0 and dl.diloco_replicas not in (None, 1):
+    if sn.subnet_plan != "ppu" and not a.uses_replicas:
+        raise ValueError(f"--subnet-plan {sn.subnet_plan} needs replicas: --diloco-local-steps > 0 or "
+                         "--subnet-sync step.")
+    if not a.uses_replicas and dl.diloco_replicas not in (None, 1):
         raise ValueError("--diloco-replicas needs --diloco-local-steps > 0 (synchronous DDP has one replica).")
     validate_diloco_config(a.diloco(dl.diloco_replicas or 1))
     if ppu.num_slices < 1 or (ppu.num_slices == 1 and (ppu.slice_attention_heads or ppu.slice_attention_output

@@ -80,10 +80,15 @@ class Trainer:
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         self.dp = ps.get_data_parallel_world_size()
-        self.diloco_on = a.diloco_args.diloco_local_steps > 0
+        self.diloco_on = a.uses_replicas
         replicas = (a.diloco_args.diloco_replicas or self.dp) if self.diloco_on else 1
         self.layout = build_replica_layout(replicas)
         self.ppu = a.ppu()
+        self.subnet = a.subnet()
+        from ..subnet import validate_subnet_config
+
+        validate_subnet_config(self.subnet, num_slices=self.ppu.num_slices, num_replicas=replicas,
+                               num_layers=m.num_layers)
         ffn = m.ffn_hidden_size or 4 * m.hidden_size
         validate_ppu_config(self.ppu, num_replicas=replicas, ffn_hidden_size=ffn,
                             num_attention_heads=m.num_attention_heads,
@@ -136,7 +141,17 @@ class Trainer:
         )
         if torch.cuda.is_available():
             self.model.cuda()
-        self.plan = build_ownership_plan(self.model, replicas, self.ppu.num_slices, self.layout.replica_index)
+        owners_fn = None
+        if self.subnet.plan == "blocks":
+            from ..subnet import apply_block_plan, block_assignment, block_holders_fn
+
+            assignment = block_assignment(replicas, m.num_layers, self.subnet.coverage, self.subnet.seed)
+            self.held_blocks = assignment[self.layout.replica_index]
+            apply_block_plan(self.model, self.held_blocks, self.subnet.masking)
+            offset = ps.get_pipeline_model_parallel_rank() * (m.num_layers // pp)
+            owners_fn = block_holders_fn(assignment, m.num_layers, replicas, offset)
+        self.plan = build_ownership_plan(self.model, replicas, self.ppu.num_slices, self.layout.replica_index,
+                                         owners_fn)
         wrapped = Float16Module(self.config, self.model) if dtype != torch.float32 else self.model
         self.ddp = wrap_model_ddp(wrapped, self.layout, use_distributed_optimizer=par.use_distributed_optimizer)
         opt_cfg = OptimizerConfig(
@@ -148,7 +163,19 @@ class Trainer:
         self.scheduler = build_param_scheduler(
             self.optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_iters,
             decay_steps=t.lr_decay_iters or t.train_iters, decay_style=t.lr_decay_style, weight_decay=t.weight_decay)
-        self.diloco = (DiLoCo(self.model, self.plan, self.layout.replica_group, a.diloco(replicas), self.optimizer)
+        self.grad_sync = None
+        if self.subnet.sync == "step":
+            # SDP: gradients averaged over each parameter's holders every step, then the holders'
+            # values copied to the non-holders (an outer step with lr 1 and no momentum, H = 1).
+            from ..config import DiLoCoConfig
+            from ..subnet import SubnetGradSync
+
+            self.grad_sync = SubnetGradSync(self.model, self.plan, self.layout.replica_group)
+            outer = DiLoCoConfig(local_steps=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False,
+                                 num_replicas=replicas, allreduce_dtype=a.diloco_args.diloco_allreduce_dtype)
+        else:
+            outer = a.diloco(replicas)
+        self.diloco = (DiLoCo(self.model, self.plan, self.layout.replica_group, outer, self.optimizer)
                        if self.diloco_on else None)
         self.iteration = 0
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last stage holds the loss
@@ -171,7 +198,8 @@ class Trainer:
                        "dp": self.dp, "replicas": self.layout.num_replicas},
             "plan": {"num_slices": self.ppu.num_slices, "slice_attention_heads": self.ppu.slice_attention_heads,
                      "slice_attention_output": self.ppu.slice_attention_output,
-                     "frozen_input_jacobian": self.ppu.frozen_input_jacobian},
+                     "frozen_input_jacobian": self.ppu.frozen_input_jacobian,
+                     "subnet": vars(a.subnet_args)},
             "model": {k: v for k, v in vars(a.model).items()},
             "diloco_fragments": a.diloco_args.diloco_streaming_fragments if self.diloco_on else 0,
         }
@@ -180,9 +208,13 @@ class Trainer:
         a = self.args
         return (f"world {dist.get_world_size()} = TP {a.parallel.tensor_model_parallel_size} x PP "
                 f"{a.parallel.pipeline_model_parallel_size} x DP {self.dp}; "
-                + (f"DiLoCo: K={self.layout.num_replicas} replicas x inner-DP {self.layout.inner_dp}, "
-                   f"H={a.diloco_args.diloco_local_steps}, F={a.diloco_args.diloco_streaming_fragments}; "
+                + (f"{self.layout.num_replicas} replicas x inner-DP {self.layout.inner_dp}, "
+                   + (f"SDP per-step sync; " if self.subnet.sync == "step" else
+                      f"DiLoCo H={a.diloco_args.diloco_local_steps}, F={a.diloco_args.diloco_streaming_fragments}; ")
                    if self.diloco_on else "synchronous DDP (no outer loop); ")
+                + (f"subnet plan {self.subnet.plan} ({self.subnet.masking} masking"
+                   + (f", blocks {self.held_blocks}" if self.subnet.plan == "blocks" else "") + "); "
+                   if self.subnet.plan != "ppu" else "")
                 + self.plan.summary() + f"; data: {self.resolved['description']}; "
                 f"global batch {self.global_batch_size} x {a.model.seq_length} tokens, "
                 f"{self.num_microbatches} micro-batches of {a.training.micro_batch_size} per rank")
@@ -227,13 +259,18 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_schedule(self.batches.next_step(self.num_microbatches), forward_only=False)
+        grad_sync_bytes = 0
+        if self.grad_sync is not None:
+            k = self.layout.num_replicas
+            grad_sync_bytes = int(2 * (k - 1) / k * self.grad_sync.sync())
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
         reports = self.diloco.after_inner_step() if self.diloco is not None else []
         self.iteration += 1
         return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "skipped": not ok, "sync_bytes": sum(r.ring_bytes_sent for r in reports), "syncs": len(reports)}
+                "skipped": not ok, "sync_bytes": grad_sync_bytes + sum(r.ring_bytes_sent for r in reports),
+                "syncs": len(reports)}
 
     def evaluate(self) -> Dict[str, float]:
         """Held-out loss/perplexity: every replica evaluates the same validation batches
