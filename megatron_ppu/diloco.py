@@ -214,12 +214,17 @@ class DiLoCo:
             weights in step with θ(t+1) (optional).
         consensus_group: group over which the skip decision for non-finite deltas is
             agreed (default: the whole world, so TP/PP shards agree too).
+        inner_group: the replica's inner data-parallel group, when a replica has
+            several DP ranks. Their Δ are identical (they all-reduce gradients every
+            step), so each reduces only its 1/inner_dp share of the payload across
+            replicas (slow links) and the shares are all-gathered inside the replica
+            (fast links): slow-link traffic per rank falls by the inner-DP size.
 
     Call :meth:`after_inner_step` once after every inner optimizer step.
     """
 
     def __init__(self, model: torch.nn.Module, plan: OwnershipPlan, replica_group, config: DiLoCoConfig,
-                 inner_optimizer=None, consensus_group=None):
+                 inner_optimizer=None, consensus_group=None, inner_group=None):
         validate_diloco_config(config)
         if not config.enabled:
             raise ValueError("DiLoCo needs --diloco-local-steps > 0; with 0 train plain DDP instead.")
@@ -227,6 +232,7 @@ class DiLoCo:
         self.plan = plan
         self.replica_group = replica_group
         self.consensus_group = consensus_group
+        self.inner_group = inner_group if inner_group is not None and dist.get_world_size(inner_group) > 1 else None
         self.inner_optimizer = inner_optimizer
         self.num_replicas = dist.get_world_size(replica_group) if replica_group is not None else 1
         if self.num_replicas != plan.num_replicas:
@@ -268,10 +274,21 @@ class DiLoCo:
         """All-reduce Σ_k Δ_k over the replica group, then divide elementwise by m."""
         names = self.fragments.fragments[f]
         flat = torch.cat([d.reshape(-1) for d in deltas]).to(self._comm_dtype)
+        self._last_payload = flat.numel() * flat.element_size()
         if self.num_replicas > 1:
             dev = self.handles[names[0]].parts[0].device if names else torch.device("cpu")
             buf = flat.to(dev)
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.replica_group)
+            if self.inner_group is None:
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.replica_group)
+            else:
+                n, parts = buf.numel(), dist.get_world_size(self.inner_group)
+                padded = torch.nn.functional.pad(buf, (0, (-n) % parts)).view(parts, -1)
+                mine = padded[dist.get_rank(self.inner_group)].clone()
+                dist.all_reduce(mine, op=dist.ReduceOp.SUM, group=self.replica_group)
+                self._last_payload = mine.numel() * mine.element_size()
+                gathered = [torch.empty_like(mine) for _ in range(parts)]
+                dist.all_gather(gathered, mine, group=self.inner_group)
+                buf = torch.cat(gathered)[:n]
             flat = buf.to("cpu", torch.float32)
         else:
             flat = flat.float()
@@ -293,7 +310,7 @@ class DiLoCo:
         names = self.fragments.fragments[f]
         deltas = self.prepare(f)
         averaged = self.perform(f, deltas)
-        payload = sum(d.numel() for d in deltas) * self._comm_dtype.itemsize
+        payload = self._last_payload  # what this rank sent into the cross-replica all-reduce
         k = self.num_replicas
         report = SyncReport(step=self.step, fragment=f, payload_bytes=payload,
                             ring_bytes_sent=int(2 * (k - 1) / k * payload) if k > 1 else 0)

@@ -237,7 +237,8 @@ def _consistency_worker(rank, world_size, tp, pp, replicas, N, bf16_comm):
     ddp = wrap_model_ddp(model, layout)
     opt = build_inner_optimizer([ddp], OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0), layout)
     loop = DiLoCo(model, plan, layout.replica_group,
-                  DiLoCoConfig(2, 0.7, 0.9, True, replicas, 1, "bf16" if bf16_comm else "fp32"), opt)
+                  DiLoCoConfig(2, 0.7, 0.9, True, replicas, 1, "bf16" if bf16_comm else "fp32"), opt,
+                  inner_group=layout.inner_dp_group)
 
     def flat():
         return torch.cat([loop.handles[n].read().reshape(-1) for n in loop.handles])
@@ -263,7 +264,9 @@ def _consistency_worker(rank, world_size, tp, pp, replicas, N, bf16_comm):
             assert agree(layout.replica_group), f"replicas disagree after sync at step {s}"
         elif s % 2 == 1 and layout.num_replicas > 1:
             assert not agree(layout.replica_group), "replicas should have diverged between syncs"
-    return {"syncs": syncs, "bytes": loop.stats.payload_bytes}
+    full = sum(h.numel for h in loop.handles.values()) * (2 if bf16_comm else 4)
+    return {"syncs": syncs, "bytes": loop.stats.payload_bytes, "full_bytes_per_sync": full,
+            "inner_dp": layout.inner_dp}
 
 
 @pytest.mark.timeout(400)
@@ -273,6 +276,9 @@ def test_replicas_consistent_under_tp_pp_and_inner_dp(tp, pp, replicas, N, bf16)
     res = run_ranks(4, "tests.test_diloco:_consistency_worker",
                     dict(tp=tp, pp=pp, replicas=replicas, N=N, bf16_comm=bf16), timeout=360)
     assert all(r["syncs"] == 2 for r in res)
+    for r in res:  # each inner-DP rank sends only its share of the payload across replicas
+        share = -(-r["full_bytes_per_sync"] // r["inner_dp"])
+        assert r["bytes"] <= 2 * share + 8 and r["bytes"] >= 2 * r["full_bytes_per_sync"] // r["inner_dp"]
 
 
 # ------------------------------------------------------------ schedule errors

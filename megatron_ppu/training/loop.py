@@ -175,7 +175,8 @@ class Trainer:
                                  num_replicas=replicas, allreduce_dtype=a.diloco_args.diloco_allreduce_dtype)
         else:
             outer = a.diloco(replicas)
-        self.diloco = (DiLoCo(self.model, self.plan, self.layout.replica_group, outer, self.optimizer)
+        self.diloco = (DiLoCo(self.model, self.plan, self.layout.replica_group, outer, self.optimizer,
+                              inner_group=self.layout.inner_dp_group)
                        if self.diloco_on else None)
         self.iteration = 0
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last stage holds the loss
@@ -345,7 +346,8 @@ class Trainer:
         if self.diloco is not None:
             from ..diloco import DiLoCo
 
-            self.diloco = DiLoCo(self.model, self.plan, self.layout.replica_group, self.diloco.config, self.optimizer)
+            self.diloco = DiLoCo(self.model, self.plan, self.layout.replica_group, self.diloco.config, self.optimizer,
+                                 inner_group=self.layout.inner_dp_group)
 
     # -- logging -------------------------------------------------------------------------
     def log(self, msg: str) -> None:
