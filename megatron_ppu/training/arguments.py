@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, get_args, get_origin
 
@@ -234,9 +235,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for cls in GROUPS:
         g = p.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        import typing
-
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
