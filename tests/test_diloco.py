@@ -40,7 +40,7 @@ def _hand_worker(rank, world_size):
             "payload": rep[0].payload_bytes, "ring": rep[0].ring_bytes_sent}
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_outer_nesterov_sign_and_momentum_by_hand():
     res = run_ranks(2, "tests.test_diloco:_hand_worker")
     # g = -mean(delta) = -0.1 every round; lr 0.5, mu 0.9; torch SGD: buf_1 = g_1.

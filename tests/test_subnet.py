@@ -134,7 +134,7 @@ def _skip_worker(rank, world_size):
     return out
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 def test_skipped_blocks_cost_no_flops_and_no_state():
     r = run_ranks(1, "tests.test_subnet:_skip_worker")[0]
     assert r["forward"] == r["ref2"]  # forward masking: exactly the FLOPs of a 2-block model
@@ -180,7 +180,7 @@ def _neuron_worker(rank, world_size):
     return True
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_neuron_forward_masking_matches_plain_torch():
     assert run_ranks(1, "tests.test_subnet:_neuron_worker") == [True]
 

@@ -138,7 +138,7 @@ def _cli(args, tmp_path, timeout=240):
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_unsupported_megatron_flag_is_an_error_naming_it(tmp_path):
     r = _cli(["--use-flash-attn", "--num-layers", "2", "--save", str(tmp_path / "out")], tmp_path)
     assert r.returncode == 2
@@ -146,7 +146,7 @@ def test_unsupported_megatron_flag_is_an_error_naming_it(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 def test_missing_data_path_is_a_clear_error(tmp_path):
     r = _cli(MODEL + ["--data-path", str(tmp_path / "nope_text_document"), "--tokenizer-type", "NullTokenizer",
                       "--vocab-size", "128", "--save", str(tmp_path / "out")], tmp_path)
@@ -155,7 +155,7 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(400)
 def test_corrupt_idx_is_a_clear_error(tiny_data, tmp_path):
     bad = tmp_path / "bad_text_document"
     shutil.copy(tiny_data["prefix"] + ".bin", str(bad) + ".bin")
