@@ -421,7 +421,7 @@ def test_comm_and_simulated_time_by_hand():
     (dict(slices=3, replicas=3), {}, "divisible by --ppu-slices 3"),
     (dict(slices=4, replicas=4, slice_attention_heads=True), {}, "head groups"),
     (dict(slices=2, tensor_model_parallel_size=2), dict(ffn_hidden_size=4 * 2 + 2), "multiple of 4"),
-    (dict(slice_attention_heads=True), {}, "needs --ppu-slices > 1"),
+    (dict(slice_attention_heads=True), {}, "need --ppu-slices > 1"),
     (dict(pipeline_model_parallel_size=2), {}, "divide num_layers"),
     (dict(tensor_model_parallel_size=4), {}, "lower the TP size"),
     (dict(streaming_fragments=2), {}, "at most one fragment per layer"),
