@@ -33,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world_size: int, target: str, kwargs: Optional[dict] = None, *, timeout: float = 240.0,
+def run_ranks(world_size: int, target: str, kwargs: Optional[dict] = None, *, timeout: float = 600.0,
               env: Optional[dict] = None) -> List[Any]:
     """Run ``target`` ("module:function") on ``world_size`` ranks; return each rank's result."""
     port = _free_port()
@@ -55,16 +55,18 @@ def run_ranks(world_size: int, target: str, kwargs: Optional[dict] = None, *, ti
             logs.append(log)
         deadline = time.monotonic() + timeout
         timed_out = False
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                timed_out = True
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.05)
-        for p in procs:
-            p.wait()
+        try:
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    break
+                time.sleep(0.05)
+        finally:  # also when the test itself is interrupted (pytest-timeout, Ctrl-C): no orphans
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            for p in procs:
+                p.wait()
         texts = []
         for log in logs:
             log.seek(0)

@@ -155,7 +155,7 @@ def _grads_worker(rank, world_size, tp, pp, sp):
     return report
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("tp,pp,sp", [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)],
                          ids=["tp1-dp2", "tp2", "tp2-sp", "pp2"])
 def test_owned_grads_equal_slice_of_full_backward(tp, pp, sp):

@@ -53,7 +53,7 @@ def _state_worker(rank, world_size, variants):
     return rows
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_steps_freeze_frozen_move_owned_and_state_bytes_match_plan():
     variants = [(1, False, False), (2, False, False), (4, False, False), (4, True, False), (2, True, True)]
     results = run_ranks(4, "tests.test_ppu_state:_state_worker", {"variants": variants})
@@ -91,7 +91,7 @@ def _flops_worker(rank, world_size, B, S, H, F, L, V, heads):
     return out
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_backward_flops_match_appendix_c2():
     B, S, H, F, L, V, heads = 2, 16, 64, 256, 2, 128, 8
     res = run_ranks(1, "tests.test_ppu_state:_flops_worker",
@@ -154,7 +154,7 @@ def _ckpt_worker(rank, world_size, ckpt_dir):
     return True
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_full_layout_checkpoint_moves_between_ppu_and_plain_megatron(tmp_path):
     assert run_ranks(2, "tests.test_ppu_state:_ckpt_worker", {"ckpt_dir": str(tmp_path)}) == [True, True]
 

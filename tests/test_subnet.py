@@ -79,7 +79,7 @@ def _sdp_grad_worker(rank, world_size, masking):
     return checked
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("masking", ["backward", "forward"])
 def test_sdp_gradient_is_mean_over_holders(masking):
     checked = run_ranks(4, "tests.test_subnet:_sdp_grad_worker", {"masking": masking})
@@ -134,7 +134,7 @@ def _skip_worker(rank, world_size):
     return out
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_skipped_blocks_cost_no_flops_and_no_state():
     r = run_ranks(1, "tests.test_subnet:_skip_worker")[0]
     assert r["forward"] == r["ref2"]  # forward masking: exactly the FLOPs of a 2-block model
@@ -180,7 +180,7 @@ def _neuron_worker(rank, world_size):
     return True
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_neuron_forward_masking_matches_plain_torch():
     assert run_ranks(1, "tests.test_subnet:_neuron_worker") == [True]
 
@@ -200,7 +200,7 @@ def _e2e_worker(rank, world_size, argv):
     return {"losses": t.losses, "identical": all(torch.equal(g[0], x) for x in g)}
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("extra", [
     ["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-sync", "step"],
     ["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-masking", "forward", "--subnet-sync", "step"],
