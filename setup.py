@@ -34,6 +34,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "tensorboard"],
         "tensorboard": ["tensorboard"],
+        "bench": ["matplotlib"],  # benchmarks/convergence.py figures
         "te": ["transformer-engine[pytorch]"],
     },
 )

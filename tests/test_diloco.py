@@ -204,7 +204,7 @@ ALGO1_K2 = [dict(N=1, heads=False, swiglu=False, F=1), dict(N=2, heads=False, sw
 ALGO1_K4 = [dict(N=2, heads=True, swiglu=True, F=1), dict(N=4, heads=False, swiglu=False, F=2)]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("K,scenarios", [(2, ALGO1_K2), (4, ALGO1_K4)], ids=["K2", "K4"])
 def test_library_matches_plain_pytorch_algorithm1(K, scenarios):
     res = run_ranks(K, "tests.test_diloco:_algo1_worker", {"scenarios": scenarios}, timeout=800)[0]

@@ -1,0 +1,562 @@
+#!/usr/bin/env python
+"""DDP, DiLoCo, Streaming DiLoCo and PPU side by side: measured cost next to the cost model.
+
+One invocation measures every method on the same model, data and K = ``--nproc`` CPU
+ranks (gloo), each method in a fresh process group (so that peak memory is per method):
+
+* per-rank bytes of weights, gradient buffers, inner-optimizer state (Megatron DDP's
+  ``grad_data`` and the Adam moments, :func:`megatron_ppu.optimizer.measure_state_bytes`)
+  and DiLoCo's host outer state (snapshot + Nesterov momentum,
+  ``DiLoCo.outer_state_bytes``), all from the live tensors;
+* peak process memory (``ru_maxrss``) per rank, and its growth over the process's
+  footprint before the model was built;
+* FLOPs of one training step, counted with ``torch.utils.flop_counter.FlopCounterMode``
+  around ``Trainer.train_step`` (forward, backward, optimizer step, any sync);
+* median step time over ``--steps`` steps (wall clock, slowest rank, after a barrier)
+  and median CPU time per step (``time.process_time``, mean over ranks) and their
+  ratio to DDP; the sync steps of the DiLoCo methods are included in the means and
+  shown separately;
+* bytes sent per rank per step: DiLoCo's outer all-reduce bytes (ring, 2(K-1)/K x payload,
+  as counted by ``DiLoCo.stats``) divided by the steps run (a multiple of H); for DDP
+  2(K-1)/K x the gradient buffer bytes, all-reduced every step.
+
+Every measured figure is printed next to the cost model's prediction
+(:mod:`megatron_ppu.estimate`, fp32 layout with the outer state on the host, see
+``benchmarks/common.py``) with the ratio measured / predicted. Results go to
+``benchmarks/results/methods.json`` and ``methods.md``.
+
+Usage::
+
+    python benchmarks/bench_methods.py                 # K=4 ranks, every method (~7 min on 2 cores)
+    python benchmarks/bench_methods.py --nproc 4 --steps 20 --methods ddp ppu_mlp4
+
+On a machine with fewer cores than ranks the ranks share cores: the wall-clock
+times then include waiting for a core; the CPU time per step does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+MODEL = ["--num-layers", "4", "--hidden-size", "512", "--ffn-hidden-size", "2048",
+         "--num-attention-heads", "8", "--seq-length", "128", "--micro-batch-size", "4",
+         "--lr", "1e-3", "--lr-warmup-iters", "2", "--weight-decay", "0.1", "--adam-beta2", "0.99",
+         "--attention-dropout", "0", "--hidden-dropout", "0", "--eval-iters", "1", "--log-interval", "1000000",
+         "--eval-interval", "1000000", "--diloco-outer-lr", "0.7", "--diloco-outer-momentum", "0.9"]
+
+
+def methods(local_steps: int, fragments: int):
+    """name -> (label, extra trainer flags). PPU runs on top of Streaming DiLoCo, as in the paper."""
+    h = ["--diloco-local-steps", str(local_steps)]
+    s = h + ["--diloco-streaming-fragments", str(fragments)]
+    return {
+        "ddp": ("DDP", ["--diloco-local-steps", "0"]),
+        "diloco": ("DiLoCo", h),
+        "streaming_diloco": (f"Streaming DiLoCo (F={fragments})", s),
+        "ppu_mlp2": ("PPU 1/2 MLPs", s + ["--ppu-slices", "2"]),
+        "ppu_mlp4": ("PPU 1/4 MLPs", s + ["--ppu-slices", "4"]),
+        "ppu_mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", s + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
+    }
+
+
+# ------------------------------------------------------------------ worker side
+def run_worker(spec: dict) -> dict:
+    """One rank of one method: build, warm up, count FLOPs of a step, time steps, measure state."""
+    import torch
+    import torch.distributed as dist
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_ppu.optimizer import measure_state_bytes
+
+    rss_start = C.max_rss_bytes()  # after importing torch and megatron-core: the baseline
+    t_build = time.perf_counter()
+    tr = C.build_trainer(spec["argv"])
+    t_build = time.perf_counter() - t_build
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {"rank": rank, "world": world, "build_s": t_build,
+           "vocab_size": tr.resolved["tokenizer"].vocab_size, "plan": tr.plan.summary(),
+           "owned_numel": tr.plan.owned_numel(), "total_numel": tr.plan.total_numel()}
+    out["rss_start"] = rss_start
+    out["rss_after_build"] = C.current_rss_bytes()
+
+    for _ in range(spec["warmup"]):
+        tr.train_step()
+    out["rss_after_warmup"] = C.max_rss_bytes()
+
+    dist.barrier()
+    with FlopCounterMode(display=False) as fc:
+        tr.train_step()
+    out["flops_step"] = int(fc.get_total_flops())
+    by_op = {}
+    for mod, ops in fc.get_flop_counts().items():
+        if mod == "Global":
+            by_op = {str(op): int(n) for op, n in ops.items()}
+    out["flops_by_op"] = by_op
+
+    walls, cpus, syncs, loss = [], [], [], []
+    for _ in range(spec["steps"]):
+        dist.barrier()
+        w0, c0 = time.perf_counter(), time.process_time()
+        st = tr.train_step()
+        walls.append(time.perf_counter() - w0)
+        cpus.append(time.process_time() - c0)
+        syncs.append(int(st["syncs"]))
+        loss.append(st["loss"])
+    out.update(walls=walls, cpus=cpus, syncs=syncs, losses=loss)
+
+    sb = measure_state_bytes([tr.ddp], tr.optimizer)
+    out["grad_bytes"] = sb.grads
+    out["optimizer_bytes"] = sb.optimizer
+    out["trainable_elements"] = sb.trainable_elements
+    out["weights_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
+    if tr.diloco is not None:
+        d = tr.diloco
+        out["outer_bytes"] = d.outer_state_bytes()
+        out["inner_steps"] = d.step
+        out["syncs_total"] = d.stats.syncs
+        out["ring_bytes_sent"] = d.stats.ring_bytes_sent
+        out["payload_bytes"] = d.stats.payload_bytes
+        out["bytes_sent_per_step"] = d.stats.ring_bytes_sent / d.step
+        out["fragments"] = len(d.fragments.fragments)
+    else:
+        out["outer_bytes"] = 0
+        k = world
+        # Megatron DDP all-reduces its whole gradient buffer every step (ring: 2(K-1)/K x M).
+        out["bytes_sent_per_step"] = 2 * (k - 1) / k * sb.grads if k > 1 else 0
+        out["inner_steps"] = tr.iteration
+    out["rss_peak"] = C.max_rss_bytes()
+    return out
+
+
+# ------------------------------------------------------------------ interleaved compute timing
+TIMING_VARIANTS = {  # name -> (label, N, heads sliced); DDP, DiLoCo and Streaming DiLoCo share "dense"
+    "dense": ("dense (DDP / DiLoCo / Streaming DiLoCo)", 1, False),
+    "mlp2": ("PPU 1/2 MLPs", 2, False),
+    "mlp4": ("PPU 1/4 MLPs", 4, False),
+    "mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", 4, True),
+}
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+COPY_OPS = ("aten::cat", "aten::copy_", "aten::clone", "aten::contiguous", "aten::narrow", "aten::slice",
+            "aten::add_", "aten::add", "aten::zeros_like", "aten::new_zeros", "aten::zero_", "aten::fill_")
+
+
+def run_timing_worker(spec: dict) -> dict:
+    """One process, one thread: the per-rank compute of every variant, timed round-robin.
+
+    Builds the dense model and the PPU models of slice ``spec['slice_index']`` from the same
+    config (the library's spec, Megatron DDP and optimizer, as the trainer does), then times
+    forward, backward (incl. DDP's grad finish) and the optimizer step of each variant in
+    turn for ``spec['rounds']`` rounds, so that a drift of the machine's background load hits
+    every variant alike. One extra step per variant runs under ``torch.profiler`` to split
+    the time into GEMMs, copies/elementwise bookkeeping and the rest.
+    """
+    import torch
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.optimizer import OptimizerConfig
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from megatron_ppu.config import PPUConfig
+    from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
+    from megatron_ppu.spec import get_gpt_layer_ppu_spec
+
+    base = C.build_trainer(spec["argv"])  # world 1, dense: gives config, vocab, data, layout
+    torch.set_num_threads(1)
+    cfg, a = base.config, base.args
+    batch = base.batches.next_step(1)[0]
+    variants = {}
+    for name in spec["variants"]:
+        label, n, heads = TIMING_VARIANTS[name]
+        if name == "dense":
+            ddp, opt = base.ddp, base.optimizer
+        else:
+            torch.manual_seed(a.training.seed)
+            model = GPTModel(cfg, get_gpt_layer_ppu_spec(PPUConfig(n, heads), spec["slice_index"] % n,
+                                                         normalization=a.model.normalization),
+                             vocab_size=base.vocab_size, max_sequence_length=a.model.seq_length,
+                             pre_process=True, post_process=True,
+                             share_embeddings_and_output_weights=True,
+                             position_embedding_type=a.model.position_embedding_type)
+            ddp = wrap_model_ddp(model, base.layout)
+            opt = build_inner_optimizer([ddp], OptimizerConfig(
+                optimizer="adam", lr=a.training.lr, weight_decay=a.training.weight_decay,
+                adam_beta2=a.training.adam_beta2, clip_grad=a.training.clip_grad), base.layout)
+            build_param_scheduler(opt, lr=a.training.lr, weight_decay=a.training.weight_decay)
+        variants[name] = {"label": label, "ddp": ddp, "opt": opt, "times": []}
+
+    def one_step(v):
+        """(wall, CPU) seconds of forward, backward, optimizer step and the whole step."""
+        ddp, opt = v["ddp"], v["opt"]
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        w0, c0 = time.perf_counter(), time.process_time()
+        out = ddp(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss = (out.float() * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
+        w1, c1 = time.perf_counter(), time.process_time()
+        loss.backward()
+        ddp.finish_grad_sync()
+        w2, c2 = time.perf_counter(), time.process_time()
+        opt.step()
+        w3, c3 = time.perf_counter(), time.process_time()
+        return {"fwd": c1 - c0, "bwd": c2 - c1, "fwd_bwd": c2 - c0, "opt": c3 - c2, "step": c3 - c0, "wall": w3 - w0}
+
+    for v in variants.values():  # warm-up (Adam state, allocator)
+        for _ in range(spec["warmup"]):
+            one_step(v)
+    for _ in range(spec["rounds"]):
+        for v in variants.values():
+            v["times"].append(one_step(v))
+
+    out = {"rank": 0, "slice_index": spec["slice_index"], "rounds": spec["rounds"], "variants": {}}
+    for name, v in variants.items():
+        with FlopCounterMode(display=False) as fc:
+            one_step(v)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(spec.get("profile_steps", 3)):
+                one_step(v)
+        cats = {"gemm": 0.0, "copy_elementwise": 0.0, "other": 0.0}
+        top = []
+        for e in prof.key_averages():
+            us = e.self_cpu_time_total
+            cat = "gemm" if e.key in GEMM_OPS else "copy_elementwise" if e.key in COPY_OPS else "other"
+            n = spec.get("profile_steps", 3)
+            cats[cat] += us / 1e6 / n
+            top.append((e.key, us / 1e6 / n, e.count / n))
+        top.sort(key=lambda x: -x[1])
+        col = {k: [t[k] for t in v["times"]] for k in ("fwd", "bwd", "fwd_bwd", "opt", "step", "wall")}
+        out["variants"][name] = {
+            "label": v["label"], "flops": int(fc.get_total_flops()),
+            **{f"{k}_median_s": statistics.median(x) for k, x in col.items()},
+            **{f"{k}_min_s": min(x) for k, x in col.items()}, "times": v["times"],
+            "profile_s": cats, "profile_top": top[:12],
+            "trainable_elements": sum(p.numel() for p in v["ddp"].parameters() if p.requires_grad)}
+    return out
+
+
+def timing_summary(t: dict) -> dict:
+    """Realised vs FLOP-predicted savings of each PPU variant relative to the dense model."""
+    d = t["variants"]["dense"]
+    for name, v in t["variants"].items():
+        v["flop_saving"] = 1 - v["flops"] / d["flops"]
+        v["step_saving"] = 1 - v["step_median_s"] / d["step_median_s"]
+        v["step_saving_min"] = 1 - v["step_min_s"] / d["step_min_s"]
+        v["wall_saving"] = 1 - v["wall_median_s"] / d["wall_median_s"]
+        v["fwd_change"] = v["fwd_median_s"] / d["fwd_median_s"] - 1
+        v["bwd_saving"] = 1 - v["bwd_median_s"] / d["bwd_median_s"]
+        v["opt_saving"] = 1 - v["opt_median_s"] / d["opt_median_s"]
+        v["trainable_saving"] = 1 - v["trainable_elements"] / d["trainable_elements"]
+        v["fwd_bwd_saving"] = 1 - v["fwd_bwd_median_s"] / d["fwd_bwd_median_s"]
+        v["fwd_bwd_realised_over_predicted"] = v["fwd_bwd_saving"] / v["flop_saving"] if v["flop_saving"] else None
+        v["gemm_time_saving"] = 1 - v["profile_s"]["gemm"] / d["profile_s"]["gemm"]
+        v["step_realised_over_predicted"] = v["step_saving"] / v["flop_saving"] if v["flop_saving"] else None
+        v["step_min_realised_over_predicted"] = v["step_saving_min"] / v["flop_saving"] if v["flop_saving"] else None
+        v["gemm_realised_over_predicted"] = v["gemm_time_saving"] / v["flop_saving"] if v["flop_saving"] else None
+    return t
+
+
+# ------------------------------------------------------------------ parent side
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def summarise(name: str, label: str, argv, ranks: list, world: int) -> dict:
+    """Aggregate the ranks of one method and put the prediction next to each figure."""
+    r0 = ranks[0]
+    pred = C.predict(argv, world, r0["vocab_size"])
+    steps = len(r0["walls"])
+    wall_step = [max(r["walls"][i] for r in ranks) for i in range(steps)]
+    cpu_step = [sum(r["cpus"][i] for r in ranks) / len(ranks) for i in range(steps)]
+    sync_mask = [any(r["syncs"][i] for r in ranks) for i in range(steps)]
+    non_sync_wall = [w for w, s in zip(wall_step, sync_mask) if not s]
+    non_sync_cpu = [c for c, s in zip(cpu_step, sync_mask) if not s]
+    sync_wall = [w for w, s in zip(wall_step, sync_mask) if s]
+
+    def across(key, fn=max):
+        return fn(r[key] for r in ranks)
+
+    flops = [r["flops_step"] for r in ranks]
+    m = {
+        "name": name, "label": label, "argv": argv, "plan_rank0": r0["plan"],
+        "trainable_elements": across("trainable_elements"), "total_elements": r0["total_numel"],
+        "weights_bytes": across("weights_bytes"), "grad_bytes": across("grad_bytes"),
+        "optimizer_bytes": across("optimizer_bytes"), "outer_bytes": across("outer_bytes"),
+        "rss_peak_bytes": across("rss_peak"), "rss_peak_bytes_per_rank": [r["rss_peak"] for r in ranks],
+        "rss_after_build_bytes": across("rss_after_build"), "rss_start_bytes": across("rss_start"),
+        "flops_step": max(flops), "flops_step_per_rank": flops, "flops_by_op_rank0": r0["flops_by_op"],
+        "steps_timed": steps, "sync_steps_timed": sum(sync_mask),
+        "wall_median_s": _median(wall_step), "wall_mean_s": sum(wall_step) / steps,
+        "wall_median_nonsync_s": _median(non_sync_wall), "wall_mean_sync_step_s": (sum(sync_wall) / len(sync_wall)) if sync_wall else None,
+        "cpu_median_s": _median(cpu_step), "cpu_mean_s": sum(cpu_step) / steps,
+        "cpu_median_nonsync_s": _median(non_sync_cpu),
+        "wall_steps_s": wall_step, "cpu_steps_s": cpu_step,
+        "bytes_sent_per_step": across("bytes_sent_per_step"),
+        "inner_steps_total": r0["inner_steps"], "syncs_total": r0.get("syncs_total"),
+        "build_s": across("build_s"),
+    }
+    m["state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"] + m["outer_bytes"]
+    m["rss_growth_bytes"] = max(r["rss_peak"] - r["rss_start"] for r in ranks)
+    m["predicted"] = pred
+    m["predicted"]["state_plus_activations_bytes"] = pred["model_state_bytes"] + pred["activation_bytes"]
+    m["ratios"] = {
+        "weights": C.ratio(m["weights_bytes"], pred["weights_bytes"]),
+        "grads": C.ratio(m["grad_bytes"], pred["grad_bytes"]),
+        "optimizer": C.ratio(m["optimizer_bytes"], pred["optimizer_bytes"]),
+        "outer": C.ratio(m["outer_bytes"], pred["outer_bytes"]) if pred["outer_bytes"] else None,
+        "state": C.ratio(m["state_bytes"], pred["model_state_bytes"]),
+        "trainable": C.ratio(m["trainable_elements"], pred["params_trainable"]),
+        "flops_gemm": C.ratio(m["flops_step"], pred["flops_gemm"]),
+        "flops_model": C.ratio(m["flops_step"], pred["flops_model"]),
+        "rss_growth_vs_state_plus_act": C.ratio(m["rss_growth_bytes"], m["predicted"]["state_plus_activations_bytes"]),
+        "bytes_sent": C.ratio(m["bytes_sent_per_step"], pred["bytes_sent_per_step"]) if pred["bytes_sent_per_step"] else None,
+    }
+    return m
+
+
+def add_relative(results: dict) -> None:
+    """Step-time ratios to DDP and PPU's realised vs predicted saving relative to Streaming DiLoCo."""
+    ddp = results.get("ddp")
+    base = results.get("streaming_diloco") or results.get("diloco")
+    for m in results.values():
+        if ddp:
+            for k in ("wall_median_s", "cpu_median_s", "wall_mean_s", "cpu_mean_s"):
+                m[f"{k}_vs_ddp"] = C.ratio(m[k], ddp[k])
+        if base and m["name"].startswith("ppu"):
+            pred_saving = 1 - m["flops_step"] / base["flops_step"]
+            pred_saving_model = 1 - m["predicted"]["flops_model"] / base["predicted"]["flops_model"]
+            s = {"baseline": base["name"], "predicted_flop_saving": pred_saving,
+                 "predicted_flop_saving_model": pred_saving_model}
+            for k in ("cpu_median_nonsync_s", "wall_median_nonsync_s", "cpu_mean_s", "wall_mean_s"):
+                realised = 1 - m[k] / base[k]
+                s[f"realised_saving_{k}"] = realised
+                s[f"realised_over_predicted_{k}"] = realised / pred_saving if pred_saving else None
+            m["saving_vs_baseline"] = s
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def _r(x, d=4):
+    return "-" if x is None else f"{x:.{d}f}"
+
+
+def markdown(results: dict, meta: dict) -> str:
+    L = []
+    L.append("# Methods benchmark: measured vs cost model\n")
+    L.append(f"Produced by `{meta['command']}` on {meta['date']} in {meta['wall_s']:.0f} s.\n")
+    mi = meta["machine"]
+    L.append(f"Machine: {mi['cpu']}, {mi['cpu_count']} CPU cores, no GPU; torch {mi['versions']['torch']}, "
+             f"megatron-core {mi['versions']['megatron-core']}, Python {mi['python']}. Load average at start "
+             f"{meta['load_start']}, at end {meta['load_end']} (the machine is shared).\n")
+    L.append(f"Model: `{' '.join(meta['model_flags'])}`; K = {meta['nproc']} ranks = replicas, one thread per "
+             f"rank; H = {meta['local_steps']}; {meta['warmup']} warm-up steps, 1 FLOP-counted step, "
+             f"{meta['steps']} timed steps per method.\n")
+    L.append("## Per-rank state bytes (max over ranks), measured / predicted\n")
+    L.append("| method | trainable params | weights | gradients | Adam m+v | outer (host) | total state | ratio total |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for m in results.values():
+        p, q = m["predicted"], m["ratios"]
+        L.append(f"| {m['label']} | {m['trainable_elements']:,} / {p['params_trainable']:,.0f} "
+                 f"| {m['weights_bytes']:,} / {p['weights_bytes']:,.0f} "
+                 f"| {m['grad_bytes']:,} / {p['grad_bytes']:,.0f} ({_r(q['grads'])}) "
+                 f"| {m['optimizer_bytes']:,} / {p['optimizer_bytes']:,.0f} ({_r(q['optimizer'])}) "
+                 f"| {m['outer_bytes']:,} / {p['outer_bytes']:,.0f} ({_r(q['outer'])}) "
+                 f"| {C.fmt_bytes(m['state_bytes'])} / {C.fmt_bytes(p['model_state_bytes'])} | {_r(q['state'])} |")
+    L.append("\n## Peak process memory per rank\n")
+    L.append("| method | peak RSS (max rank) | growth over start-up | predicted state + activations | ratio |")
+    L.append("|---|---|---|---|---|")
+    for m in results.values():
+        p = m["predicted"]
+        L.append(f"| {m['label']} | {C.fmt_bytes(m['rss_peak_bytes'])} | {C.fmt_bytes(m['rss_growth_bytes'])} "
+                 f"| {C.fmt_bytes(p['state_plus_activations_bytes'])} "
+                 f"(activations {C.fmt_bytes(p['activation_bytes'])}) | {_r(m['ratios']['rss_growth_vs_state_plus_act'], 3)} |")
+    L.append("\n## FLOPs per training step per rank (FlopCounterMode) and communication\n")
+    L.append("| method | measured FLOPs | predicted GEMM FLOPs (App. C.2) | ratio | App. C.2 incl. non-GEMM terms "
+             "| bytes sent / rank / step | predicted | ratio |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for m in results.values():
+        p, q = m["predicted"], m["ratios"]
+        L.append(f"| {m['label']} | {m['flops_step']:.4e} | {p['flops_gemm']:.4e} | {_r(q['flops_gemm'], 5)} "
+                 f"| {p['flops_model']:.4e} ({_r(q['flops_model'])}) | {C.fmt_bytes(m['bytes_sent_per_step'])} "
+                 f"| {C.fmt_bytes(p['bytes_sent_per_step'])} | {_r(q['bytes_sent'])} |")
+    L.append("\n## Step time\n")
+    L.append("Wall: slowest rank per step (barrier before each step), median over the timed steps. CPU: "
+             "process CPU time per step, mean over ranks, median over steps. Means include the outer-sync "
+             "steps.\n")
+    L.append("| method | wall median | wall / DDP | wall mean | CPU median | CPU / DDP | CPU mean | sync steps (wall mean) |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for m in results.values():
+        L.append(f"| {m['label']} | {m['wall_median_s']:.3f} s | {_r(m.get('wall_median_s_vs_ddp'), 3)} "
+                 f"| {m['wall_mean_s']:.3f} s | {m['cpu_median_s']:.3f} s | {_r(m.get('cpu_median_s_vs_ddp'), 3)} "
+                 f"| {m['cpu_mean_s']:.3f} s | {m['sync_steps_timed']} "
+                 f"({_r(m['wall_mean_sync_step_s'], 3) if m['wall_mean_sync_step_s'] else '-'} s) |")
+    base = next((m for m in results.values() if "saving_vs_baseline" in m), None)
+    if base:
+        L.append(f"\n## PPU saving vs {base['saving_vs_baseline']['baseline']}: realised / predicted by FLOPs\n")
+        L.append("| method | predicted FLOP saving (measured FLOPs) | realised CPU-time saving (median, non-sync) "
+                 "| realised / predicted | realised wall saving (median, non-sync) | realised / predicted |")
+        L.append("|---|---|---|---|---|---|")
+        for m in results.values():
+            s = m.get("saving_vs_baseline")
+            if not s:
+                continue
+            L.append(f"| {m['label']} | {_pct(s['predicted_flop_saving'])} "
+                     f"| {_pct(s['realised_saving_cpu_median_nonsync_s'])} | {_r(s['realised_over_predicted_cpu_median_nonsync_s'], 2)} "
+                     f"| {_pct(s['realised_saving_wall_median_nonsync_s'])} | {_r(s['realised_over_predicted_wall_median_nonsync_s'], 2)} |")
+    return "\n".join(L) + "\n"
+
+
+def print_summary(results: dict) -> None:
+    print()
+    print(f"{'method':28s} {'state bytes meas/pred':>30s} {'ratio':>7s} {'FLOPs meas':>11s} {'pred GEMM':>11s} "
+          f"{'ratio':>8s} {'B sent/step':>12s} {'ratio':>6s} {'wall med':>9s} {'/DDP':>6s} {'cpu med':>8s} {'/DDP':>6s} {'peakRSS':>10s}")
+    for m in results.values():
+        p, q = m["predicted"], m["ratios"]
+        print(f"{m['label']:28s} {m['state_bytes']:>14,d}/{p['model_state_bytes']:<15,.0f} {_r(q['state']):>7s} "
+              f"{m['flops_step']:11.4e} {p['flops_gemm']:11.4e} {_r(q['flops_gemm'], 5):>8s} "
+              f"{m['bytes_sent_per_step']:12,.0f} {_r(q['bytes_sent'], 3):>6s} {m['wall_median_s']:9.3f} "
+              f"{_r(m.get('wall_median_s_vs_ddp'), 3):>6s} {m['cpu_median_s']:8.3f} {_r(m.get('cpu_median_s_vs_ddp'), 3):>6s} "
+              f"{C.fmt_bytes(m['rss_peak_bytes']):>10s}")
+    for m in results.values():
+        s = m.get("saving_vs_baseline")
+        if s:
+            print(f"{m['label']:28s} vs {s['baseline']}: predicted FLOP saving {_pct(s['predicted_flop_saving'])}, "
+                  f"realised CPU {_pct(s['realised_saving_cpu_median_nonsync_s'])} "
+                  f"(x{_r(s['realised_over_predicted_cpu_median_nonsync_s'], 2)}), wall "
+                  f"{_pct(s['realised_saving_wall_median_nonsync_s'])} "
+                  f"(x{_r(s['realised_over_predicted_wall_median_nonsync_s'], 2)})")
+
+
+def _ms(x):
+    return f"{1000 * x:.0f} ms"
+
+
+def print_timing(t: dict) -> None:
+    print(f"\nsingle-process compute, one thread, {t['rounds']} interleaved rounds, CPU time (medians), PPU slice "
+          f"{t['slice_index']}")
+    print(f"{'variant':42s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s} {'step':>7s} {'min':>7s} {'FLOP sav':>9s} {'f+b sav':>8s} {'r/p':>5s} {'step sav':>9s} "
+          f"{'r/p':>5s} {'min sav':>8s} {'r/p':>5s} {'GEMM sav':>9s} {'r/p':>5s} {'GEMM s':>7s} {'copy s':>7s} {'other s':>7s}")
+    for v in t["variants"].values():
+        p = v["profile_s"]
+        print(f"{v['label']:42s} {_ms(v['fwd_median_s']):>7s} {_ms(v['bwd_median_s']):>7s} {_ms(v['opt_median_s']):>7s} "
+              f"{_ms(v['step_median_s']):>7s} {_ms(v['step_min_s']):>7s} {_pct(v['flop_saving']):>9s} "
+              f"{_pct(v['fwd_bwd_saving']):>8s} {_r(v['fwd_bwd_realised_over_predicted'], 2):>5s} "
+              f"{_pct(v['step_saving']):>9s} {_r(v['step_realised_over_predicted'], 2):>5s} {_pct(v['step_saving_min']):>8s} "
+              f"{_r(v['step_min_realised_over_predicted'], 2):>5s} {_pct(v['gemm_time_saving']):>9s} "
+              f"{_r(v['gemm_realised_over_predicted'], 2):>5s} {p['gemm']:7.3f} {p['copy_elementwise']:7.3f} {p['other']:7.3f}")
+
+
+def timing_markdown(t: dict) -> str:
+    L = [f"\n## Compute per rank, single process, interleaved ({t['rounds']} rounds; PPU slice {t['slice_index']})\n",
+         "Each variant's forward, backward (with Megatron DDP's gradient finish) and Adam step in one process "
+         "with one thread, variants timed in turn so that background load hits all alike. Times are CPU "
+         "time (`time.process_time`), medians (and the minimum) over the rounds. Profile: self CPU time of "
+         "one step under `torch.profiler`: GEMMs (mm/addmm/bmm/baddbmm), copies and elementwise "
+         "bookkeeping (cat/copy_/clone/add/zero...), other. \"realised / predicted\" = measured time "
+         "saving / FLOP saving.\n",
+         "| variant | forward | backward | Adam (trainable-param saving) | step (median) | step (min) | FLOP saving "
+         "| fwd+bwd saving | realised / predicted | step saving (median) | realised / predicted | step saving (min) "
+         "| realised / predicted | GEMM-time saving | realised / predicted | profile GEMM / copies / other per step |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for v in t["variants"].values():
+        p = v["profile_s"]
+        L.append(f"| {v['label']} | {_ms(v['fwd_median_s'])} | {_ms(v['bwd_median_s'])} | {_ms(v['opt_median_s'])} "
+                 f"({_pct(v['trainable_saving'])}) | {_ms(v['step_median_s'])} | {_ms(v['step_min_s'])} | {_pct(v['flop_saving'])} "
+                 f"| {_pct(v['fwd_bwd_saving'])} | {_r(v['fwd_bwd_realised_over_predicted'], 2)} "
+                 f"| {_pct(v['step_saving'])} | {_r(v['step_realised_over_predicted'], 2)} "
+                 f"| {_pct(v['step_saving_min'])} | {_r(v['step_min_realised_over_predicted'], 2)} "
+                 f"| {_pct(v['gemm_time_saving'])} | {_r(v['gemm_realised_over_predicted'], 2)} "
+                 f"| {p['gemm']:.3f} / {p['copy_elementwise']:.3f} / {p['other']:.3f} s |")
+    return "\n".join(L) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--nproc", type=int, default=4, help="K ranks = replicas (K %% 4 == 0 for the 1/4 variants)")
+    ap.add_argument("--steps", type=int, default=17, help="timed steps per method (rounded so that the "
+                    "total number of steps is a multiple of H)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--local-steps", type=int, default=10, help="H of the DiLoCo methods")
+    ap.add_argument("--fragments", type=int, default=3, help="F of the streaming methods (embeddings + F-1 layer groups)")
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--model-flags", default=None, help="replace the model/training flags (one string)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "methods.json"))
+    ap.add_argument("--log-dir", default=None, help="keep each rank's log here")
+    ap.add_argument("--timing-rounds", type=int, default=20,
+                    help="rounds of the single-process interleaved compute timing (0: skip it)")
+    ap.add_argument("--timing-slice", type=int, default=1, help="slice index of the PPU models timed there")
+    a = ap.parse_args(argv)
+
+    model = a.model_flags.split() if a.model_flags else MODEL
+    total = a.warmup + 1 + a.steps
+    total = int(math.ceil(total / a.local_steps) * a.local_steps)
+    steps = total - a.warmup - 1
+    all_methods = methods(a.local_steps, a.fragments)
+    names = a.methods or list(all_methods)
+    unknown = [n for n in names if n not in all_methods]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {list(all_methods)}")
+    if a.log_dir:
+        os.makedirs(a.log_dir, exist_ok=True)
+
+    t0 = time.time()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    results = {}
+    for name in names:
+        label, extra = all_methods[name]
+        argv_m = model + ["--train-iters", str(total + 10)] + extra
+        spec = {"name": name, "argv": argv_m, "warmup": a.warmup, "steps": steps}
+        ts = time.time()
+        ranks = C.launch_ranks(os.path.abspath(__file__), a.nproc, spec, log_dir=a.log_dir)
+        results[name] = summarise(name, label, argv_m, ranks, a.nproc)
+        results[name]["job_wall_s"] = time.time() - ts
+        m = results[name]
+        print(f"[{time.time() - t0:6.0f} s] {label}: state {m['state_bytes']:,} B (pred "
+              f"{m['predicted']['model_state_bytes']:,.0f}), FLOPs {m['flops_step']:.4e} (pred GEMM "
+              f"{m['predicted']['flops_gemm']:.4e}), wall median {m['wall_median_s']:.3f} s, CPU median "
+              f"{m['cpu_median_s']:.3f} s, peak RSS {C.fmt_bytes(m['rss_peak_bytes'])}", flush=True)
+    add_relative(results)
+    timing = None
+    if a.timing_rounds > 0:
+        ts = time.time()
+        spec = {"name": "timing", "mode": "timing", "argv": model + ["--train-iters", "1000", "--diloco-local-steps", "0"],
+                "variants": list(TIMING_VARIANTS), "rounds": a.timing_rounds, "warmup": 2,
+                "slice_index": a.timing_slice}
+        timing = timing_summary(C.launch_ranks(os.path.abspath(__file__), 1, spec, log_dir=a.log_dir)[0])
+        timing["job_wall_s"] = time.time() - ts
+        print(f"[{time.time() - t0:6.0f} s] interleaved single-process compute timing done", flush=True)
+    meta = {"command": "python benchmarks/bench_methods.py" + ("" if argv is None and len(sys.argv) == 1 else
+                                                                " " + " ".join(sys.argv[1:] if argv is None else argv)),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "wall_s": time.time() - t0,
+            "machine": C.machine_info(), "load_start": load_start,
+            "load_end": [round(x, 2) for x in os.getloadavg()], "nproc": a.nproc, "local_steps": a.local_steps,
+            "fragments": a.fragments, "warmup": a.warmup, "steps": steps, "model_flags": model}
+    print_summary(results)
+    if timing:
+        print_timing(timing)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"meta": meta, "methods": results, "compute_timing": timing}, f, indent=1)
+    md = os.path.splitext(a.out)[0] + ".md"
+    with open(md, "w") as f:
+        f.write(markdown(results, meta) + (timing_markdown(timing) if timing else ""))
+    print(f"\nwrote {a.out} and {md} ({meta['wall_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        C.worker_main(lambda spec: run_timing_worker(spec) if spec.get("mode") == "timing" else run_worker(spec))
+    else:
+        main()

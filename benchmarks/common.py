@@ -1,0 +1,265 @@
+"""Shared helpers of the benchmark scripts (not part of the library).
+
+* :func:`launch_ranks`: start ``world_size`` fresh CPU ranks of a benchmark script
+  (``python SCRIPT --worker SPEC``) with the torch.distributed environment set, wait,
+  and return every rank's JSON result. A fresh process group per method keeps peak
+  memory (``ru_maxrss``) meaningful per method.
+* :func:`build_trainer`: in a worker, parse Megatron flags, initialise gloo + the CPU
+  patches and build a :class:`megatron_ppu.training.loop.Trainer` without training.
+* :func:`estimate_config`: the cost model's configuration for a method, in the layout
+  the trainer actually uses on CPU: fp32 weights, fp32 gradients, fp32 Adam m and v,
+  and DiLoCo's outer state on the host for *every* parameter (the snapshot θ(t) and
+  the Nesterov momentum; ``DiLoCo`` snapshots each trained-by-someone parameter in
+  full, frozen entries included).
+* :func:`machine_info`: CPU, load, library versions (benchmarks are run on a shared
+  2-core machine; the load average is recorded with every result).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+
+# ------------------------------------------------------------------ launching
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RankFailure(RuntimeError):
+    """A benchmark rank exited non-zero or timed out."""
+
+
+def launch_ranks(script: str, world_size: int, spec: dict, *, timeout: float = 1800.0,
+                 log_dir: Optional[str] = None, threads_per_rank: int = 1) -> List[dict]:
+    """Run ``python script --worker <spec.json> --out <dir>`` on ``world_size`` CPU ranks.
+
+    Each rank writes ``rank<r>.json``; the list of those dicts is returned (rank order).
+    On failure the first failing rank's log tail is in the exception message.
+    """
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="ppu-bench-") as out:
+        spec_path = os.path.join(out, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        procs, logs = [], []
+        for rank in range(world_size):
+            path = os.path.join(log_dir or out, f"{spec.get('name', 'run')}.rank{rank}.log")
+            log = open(path, "w+")
+            env = dict(os.environ)
+            env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "OMP_NUM_THREADS": str(threads_per_rank), "MKL_NUM_THREADS": str(threads_per_rank),
+                        "PYTHONWARNINGS": "ignore",
+                        "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", "")})
+            cmd = [sys.executable, script, "--worker", spec_path, "--out", out]
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
+            logs.append(log)
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        while any(p.poll() is None for p in procs):
+            if time.monotonic() > deadline:
+                timed_out = True
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
+            if any(p.poll() not in (None, 0) for p in procs):
+                time.sleep(5.0)  # let the others print their error, then stop them
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+                break
+            time.sleep(0.2)
+        for p in procs:
+            p.wait()
+        texts = []
+        for log in logs:
+            log.seek(0)
+            texts.append(log.read())
+            log.close()
+        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+        if timed_out or failed:
+            first = failed[0] if failed else 0
+            raise RankFailure(f"{spec.get('name')}: " + ("timed out" if timed_out else f"ranks {failed} failed")
+                              + f"\n--- rank {first} ---\n" + texts[first][-6000:])
+        results = []
+        for r in range(world_size):
+            with open(os.path.join(out, f"rank{r}.json")) as f:
+                results.append(json.load(f))
+        return results
+
+
+def worker_main(run_fn) -> None:
+    """Child side: ``SCRIPT --worker SPEC --out DIR``; calls ``run_fn(spec)`` and writes its JSON."""
+    spec_path = sys.argv[sys.argv.index("--worker") + 1]
+    out = sys.argv[sys.argv.index("--out") + 1]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    rank = int(os.environ["RANK"])
+    try:
+        result = run_fn(spec)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stdout.flush()
+        os._exit(1)  # peers may be blocked in a collective
+
+
+def build_trainer(argv: List[str]):
+    """Parse trainer flags, init torch.distributed (gloo) + CPU patches, build the Trainer."""
+    from megatron_ppu.training.arguments import parse_args
+    from megatron_ppu.training.loop import Trainer, init_distributed
+
+    args = parse_args(argv)
+    init_distributed()
+    return Trainer(args)
+
+
+def max_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# ------------------------------------------------------------------ cost model
+def flag_value(argv: List[str], name: str, default=None, cast=str):
+    """Value of ``--name V`` in ``argv`` (last occurrence), or ``default``."""
+    val = default
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            val = cast(argv[i + 1])
+    return val
+
+
+def estimate_config(argv: List[str], world_size: int, vocab_size: int):
+    """The cost model's :class:`EstimateConfig` for a trainer command line (CPU, fp32)."""
+    from megatron_ppu import estimate as E
+
+    def has(name):
+        return name in argv
+
+    h = flag_value(argv, "--hidden-size", 128, int)
+    model = E.ModelShape(
+        num_layers=flag_value(argv, "--num-layers", 4, int), hidden_size=h,
+        num_attention_heads=flag_value(argv, "--num-attention-heads", 4, int),
+        ffn_hidden_size=flag_value(argv, "--ffn-hidden-size", None, int), vocab_size=vocab_size,
+        seq_length=flag_value(argv, "--seq-length", 128, int),
+        tie_embeddings=not has("--untie-embeddings-and-output-weights"), swiglu=has("--swiglu"),
+        add_bias_linear=not has("--disable-bias-linear"),
+        normalization=flag_value(argv, "--normalization", "LayerNorm"),
+        position_embedding_type=flag_value(argv, "--position-embedding-type", "learned_absolute"),
+        dropout=(flag_value(argv, "--attention-dropout", 0.1, float) > 0
+                 or flag_value(argv, "--hidden-dropout", 0.1, float) > 0),
+        fused_attention=False)
+    local_steps = flag_value(argv, "--diloco-local-steps", 50, int)
+    ddp = local_steps == 0
+    k = flag_value(argv, "--diloco-replicas", world_size, int)
+    mbs = flag_value(argv, "--micro-batch-size", 8, int)
+    gbs = flag_value(argv, "--global-batch-size", mbs * world_size, int)
+    f = flag_value(argv, "--diloco-streaming-fragments", 1, int)
+    train = E.TrainShape(micro_batch_size=mbs, num_microbatches=gbs // (mbs * world_size))
+    ppu = E.PPUShape(slices=flag_value(argv, "--ppu-slices", 1, int),
+                     slice_attention_heads=has("--ppu-slice-attention-heads"),
+                     replicas=world_size if ddp else k, local_steps=max(local_steps, 1),
+                     streaming_fragments=f - 1 if f > 1 else 1, outer_optimizer=not ddp,
+                     outer_state_placement="host", snapshot_scope="all")
+    return E.EstimateConfig(model=model, train=train, ppu=ppu, precision=E.Precision.megatron(bf16=False))
+
+
+def predict(argv: List[str], world_size: int, vocab_size: int) -> Dict[str, float]:
+    """Per-rank predictions of the cost model for one method (see :func:`estimate_config`)."""
+    from megatron_ppu import estimate as E
+
+    cfg = estimate_config(argv, world_size, vocab_size)
+    pc, mem, fl, comm = E.count_parameters(cfg), E.estimate_memory(cfg), E.estimate_flops(cfg), \
+        E.estimate_communication(cfg)
+    tokens = fl.tokens_per_step
+    v = E.padded_vocab_size(cfg)
+    # FlopCounterMode counts GEMMs only: drop App. C.2's embedding-lookup (B S H, x2 backward)
+    # and softmax (3 B S V, x2 backward) terms, which are not matrix products.
+    non_gemm = 3 * tokens * cfg.model.hidden_size + 3 * 3 * tokens * v
+    ddp = not cfg.ppu.outer_optimizer
+    return {
+        "params_total": pc.total, "params_trainable": pc.trainable,
+        "weights_bytes": mem.weights, "grad_bytes": mem.gradients, "optimizer_bytes": mem.optimizer_state,
+        "outer_bytes": mem.host_outer_momentum + mem.host_snapshot, "activation_bytes": mem.activations,
+        "model_state_bytes": mem.model_state + mem.host_total,
+        "flops_model": fl.model_flops, "flops_gemm": fl.model_flops - non_gemm,
+        "flops_dense_gemm": fl.model_flops_dense - non_gemm,
+        "flops_forward_gemm": fl.forward - tokens * cfg.model.hidden_size - 3 * tokens * v,
+        "flops_ratio_vs_dense": fl.ratio_vs_dense,
+        "bytes_sent_per_step": comm.ddp_bytes_sent_per_step if ddp else comm.sync_bytes_sent / cfg.ppu.local_steps,
+        "sync_payload_bytes": 0.0 if ddp else comm.sync_bytes,
+    }
+
+
+# ------------------------------------------------------------------ machine
+def machine_info() -> dict:
+    import importlib.metadata as md
+
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("torch", "megatron-core", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    mem = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "memory_bytes": mem, "gpu": None, "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions, "load_average": list(os.getloadavg())}
+
+
+def fmt_bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
