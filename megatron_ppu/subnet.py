@@ -18,8 +18,9 @@ Plans (``--subnet-plan``):
   permutation of the blocks cut into K cyclic windows of b, which makes both counts
   exact. With ``backward`` masking a block the replica does not hold runs in the
   forward pass (its input Jacobian stays in the backward pass) but its weights get no
-  gradient; with ``forward`` masking it is skipped entirely (the residual stream passes
-  through), costing no FLOPs at all. Either way it holds no gradient buffer and no
+  gradient; with ``forward`` masking it is skipped entirely in training (the residual
+  stream passes through), costing no FLOPs at all, and evaluation runs the full model
+  (as LayerDrop does, without rescaling). Either way it holds no gradient buffer and no
   optimizer state there. The weights are still stored on every replica, so that
   every replica can evaluate (and checkpoint) the full model.
 
@@ -31,9 +32,8 @@ re-draw.
 from __future__ import annotations
 
 import logging
-import types
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -116,15 +116,24 @@ def holders_per_block(assignment: Sequence[Sequence[int]], num_layers: int) -> L
     return counts
 
 
-def _skip_forward(self, hidden_states, *args, **kwargs):
-    # A block this replica does not hold: the residual stream passes through unchanged.
-    return hidden_states, kwargs.get("context")
+def _install_skip(layer: torch.nn.Module) -> None:
+    """Forward masking of a block: in training the residual stream passes through unchanged
+    (no FLOPs, no activations); in evaluation the block runs, so every replica evaluates
+    the full model (LayerDrop-style: no rescaling of the kept blocks)."""
+    full_forward = layer.forward
+
+    def forward(hidden_states, *args, **kwargs):
+        if layer.training:
+            return hidden_states, kwargs.get("context")
+        return full_forward(hidden_states, *args, **kwargs)
+
+    layer.forward = forward
 
 
 def apply_block_plan(model: torch.nn.Module, held: Sequence[int], masking: str) -> int:
-    """Freeze (backward masking) or skip (forward masking) the transformer layers of
-    ``model`` whose global index is not in ``held``. Returns the number of layers masked
-    on this pipeline stage."""
+    """Freeze (backward masking) or skip in training (forward masking) the transformer
+    layers of ``model`` whose global index is not in ``held``. Returns the number of
+    layers masked on this pipeline stage."""
     held = set(held)
     masked = 0
     for layer in model.decoder.layers:
@@ -134,7 +143,7 @@ def apply_block_plan(model: torch.nn.Module, held: Sequence[int], masking: str) 
         for p in layer.parameters():
             p.requires_grad_(False)
         if masking == "forward":
-            layer.forward = types.MethodType(_skip_forward, layer)
+            _install_skip(layer)
         masked += 1
     return masked
 
@@ -154,56 +163,244 @@ def block_holders_fn(assignment: Sequence[Sequence[int]], num_layers: int, num_r
     return owners
 
 
-class SubnetGradSync:
-    """Per-step SDP gradient synchronisation: every parameter's gradient becomes the mean
-    over the replicas that hold it of their local gradients.
+def block_holder_sets(assignment: Sequence[Sequence[int]], num_layers: int) -> List[FrozenSet[int]]:
+    """For every block (global layer index), the set of replicas that hold it."""
+    sets: List[set] = [set() for _ in range(num_layers)]
+    for k, blocks in enumerate(assignment):
+        for i in blocks:
+            sets[i].add(k)
+    return [frozenset(x) for x in sets]
 
-    Implemented as one masked all-reduce (SUM) over the replica group of the full-layout
-    gradients (zeros where this replica holds nothing), divided elementwise by the
-    number of holders m. Call after the backward pass (after Megatron's
-    ``finalize_model_grads``) and before ``optimizer.step()``.
+
+@dataclass
+class SyncStats:
+    """Traffic of the per-step synchronisation (per rank, bytes).
+
+    ``grad_bytes_sent``: ring all-reduce model, ``2 (h-1)/h x payload`` for each group of
+    h holders. ``refresh_bytes_sent``: ``(K-h)/K x payload`` for each broadcast of h holders'
+    values to the K-h non-holders (what has to cross the links, spread over the K ranks).
     """
 
-    def __init__(self, model: torch.nn.Module, plan, replica_group):
-        self.plan = plan
-        self.group = replica_group
-        self.model = model
-        self.entries = []  # (name, split-or-None, param parts, owners)
+    steps: int = 0
+    refreshes: int = 0
+    grad_bytes_sent: float = 0.0
+    refresh_bytes_sent: float = 0.0
+
+    @property
+    def bytes_sent(self) -> float:
+        return self.grad_bytes_sent + self.refresh_bytes_sent
+
+
+class _Piece:
+    """A view of this rank's copy of one holder set's share of one parameter: either a
+    whole tensor, or a range along ``dim`` of a tensor (one slice of a sliced weight)."""
+
+    __slots__ = ("tensor", "dim", "start", "length")
+
+    def __init__(self, tensor: torch.Tensor, dim: Optional[int] = None, start: int = 0, length: int = 0):
+        self.tensor, self.dim, self.start, self.length = tensor, dim, start, length
+
+    def view(self) -> torch.Tensor:
+        t = self.tensor.data
+        return t if self.dim is None else t.narrow(self.dim, self.start, self.length)
+
+
+class SubnetSync:
+    """Per-step SDP synchronisation among each parameter's holders, with sub-group collectives.
+
+    Ownership, per parameter of this rank (its TP shard, its pipeline stage):
+
+    * a parameter outside the transformer blocks (embeddings, final norm, output layer) is
+      held by all K replicas;
+    * a parameter of block i is held by ``block_holders[i]`` (the ``blocks`` plan), or by all K
+      (the ``ppu``/``neurons`` plans);
+    * a sliced weight (``ppu``/``neurons``): slice n is held by the K/N replicas
+      ``{k : k mod N = n}``. Replica k stores its slice in the trainable tensor and the other
+      N-1 slices in the frozen tensor (:class:`megatron_ppu.ownership.SliceLayout`).
+
+    Each distinct holder set S gets its own process group over the ranks at this rank's
+    TP/PP/inner-DP position (one per replica), created collectively in ``__init__``.
+
+    :meth:`sync_gradients` (after the backward pass and Megatron's ``finalize_model_grads``,
+    before ``optimizer.step()``): for every S this rank belongs to with ``|S| > 1``, one
+    all-reduce over S of the concatenated gradients of S's share, divided by ``|S|``; the
+    result is the mean over the holders of their local gradients. A parameter held by a
+    single replica needs no traffic.
+
+    :meth:`grad_norm` replaces the optimizer's clipping norm by the norm of the whole
+    synchronised gradient, so that every replica clips by the same factor.
+
+    :meth:`refresh` (after ``optimizer.step()``): the holders of S have identical values after
+    identical updates (same synchronised gradient, same clipping factor, same Adam state);
+    for every S that is not everybody, one broadcast over the replica group
+    from S's first holder writes them into the non-holders' frozen copies. With backward
+    masking the forward pass reads every weight, so the refresh runs after every step. With
+    forward masking a replica never reads what it does not hold while training, so
+    ``lazy=True`` defers the refresh to :meth:`refresh_if_stale`, which the trainer calls
+    before evaluating or saving: per-step traffic is then the gradient all-reduces only.
+
+    The masked alternative (an all-reduce of the full-layout gradients over all K replicas,
+    zeros where a replica holds nothing, then a parameter refresh of the same size) sends
+    ``2 x 2 (K-1)/K`` times the model per step, more than plain data parallelism; the
+    sub-groups send less than plain data parallelism whenever holders are fewer than K.
+    """
+
+    def __init__(self, model: torch.nn.Module, plan, layout, *,
+                 block_holders: Optional[Sequence[FrozenSet[int]]] = None, layer_offset: int = 0,
+                 lazy: bool = False, group_backend: Optional[str] = None):
+        K = layout.num_replicas
+        me = layout.replica_index
+        everyone = frozenset(range(K))
+        N = plan.num_slices
+        self.layout, self.lazy, self.num_replicas = layout, lazy, K
+        self.stats = SyncStats()
+        self._stale = False
+        # holder set -> this rank's pieces, in the same canonical order on every replica
+        self._grad: Dict[FrozenSet[int], List[torch.nn.Parameter]] = {}
+        self._refresh: Dict[FrozenSet[int], List[_Piece]] = {}
         modules = dict(model.named_modules())
         for name, own in plan.params.items():
             mod_name, _, attr = name.rpartition(".")
             module = modules[mod_name]
             split = getattr(module, "ppu_splits", {}).get(attr)
-            parts = [split.owned_param(module), split.frozen_param(module)] if split else [getattr(module, attr)]
-            self.entries.append((name, split, parts, own.owners))
-        self.bytes_last = 0
+            if split is not None:
+                self._add_sliced(module, split, N, me, K)
+                continue
+            p = getattr(module, attr)
+            holders = everyone
+            if block_holders is not None and "decoder.layers." in name:
+                local = int(name.split("decoder.layers.")[1].split(".")[0])
+                holders = block_holders[layer_offset + local]
+            assert (me in holders) == p.requires_grad, f"{name}: holder set {set(holders)} vs requires_grad"
+            assert len(holders) == own.owners, (name, holders, own.owners)
+            if me in holders:
+                self._grad.setdefault(holders, []).append(p)
+            self._refresh.setdefault(holders, []).append(_Piece(p))
+        self._sets = sorted(set(self._grad) | set(self._refresh), key=lambda s: (len(s), sorted(s)))
+        # Global rank of replica k at this rank's TP/PP/inner-DP position.
+        pairs: List[Optional[tuple]] = [None] * dist.get_world_size(layout.replica_group)
+        dist.all_gather_object(pairs, (me, dist.get_rank()), group=layout.replica_group)
+        self._members = [r for _, r in sorted(pairs)]
+        assert [k for k, _ in sorted(pairs)] == list(range(K)), pairs
+        self._groups = self._build_groups(group_backend)
 
-    def _grad(self, p: torch.Tensor) -> torch.Tensor:
+    def _add_sliced(self, module, split, N: int, me: int, K: int) -> None:
+        owned_p, frozen_p = split.owned_param(module), split.frozen_param(module)
+        lay, dim = split.layout, split.dim
+        mine = me % N
+        for n in range(N):
+            holders = frozenset(k for k in range(K) if k % N == n)
+            if n == mine:
+                self._grad.setdefault(holders, []).append(owned_p)
+                off = 0
+                for s, e in lay.owned:
+                    self._refresh.setdefault(holders, []).append(_Piece(owned_p, dim, off, e - s))
+                    off += e - s
+                continue
+            # Slice n's ranges: slices are equal and evenly spaced, so shift ours by (n - mine) widths.
+            for s, e in lay.owned:
+                a, b = s + (n - mine) * (e - s), e + (n - mine) * (e - s)
+                assert 0 <= a < b <= lay.size, (lay, n)
+                owned_before = sum(min(e2, a) - s2 for s2, e2 in lay.owned if s2 < a)
+                self._refresh.setdefault(holders, []).append(_Piece(frozen_p, dim, a - owned_before, b - a))
+
+    def _build_groups(self, backend: Optional[str]) -> Dict[FrozenSet[int], object]:
+        # dist.new_group is collective over the whole world: every rank creates every group of
+        # every TP/PP/inner-DP position (pipeline stages hold different blocks, hence the union).
+        mine = tuple(self._members)
+        world = dist.get_world_size()
+        gathered: List[Optional[tuple]] = [None] * world
+        dist.all_gather_object(gathered, (mine, [tuple(sorted(s)) for s in self._grad if 1 < len(s) < self.num_replicas]))
+        positions = sorted({g[0] for g in gathered})
+        all_sets = sorted({s for g in gathered for s in g[1]}, key=lambda s: (len(s), s))
+        out = {}
+        for members in positions:
+            for s in all_sets:
+                g = dist.new_group([members[k] for k in s], backend=backend)
+                if members == mine:
+                    out[frozenset(s)] = g
+        for s in self._grad:
+            if len(s) == self.num_replicas:
+                out[s] = self.layout.replica_group
+        return out
+
+    @staticmethod
+    def _grad_of(p: torch.nn.Parameter) -> torch.Tensor:
         g = getattr(p, "main_grad", None)
-        if g is None:
-            g = p.grad
-        return g if g is not None and p.requires_grad else torch.zeros_like(p, dtype=torch.float32)
+        return g if g is not None else p.grad
 
-    def sync(self) -> int:
-        """Average gradients over holders in place; returns the payload bytes sent."""
-        fulls = []
-        for name, split, parts, owners in self.entries:
-            gs = [self._grad(p).float() for p in parts]
-            fulls.append(split.layout.assemble(gs[0], gs[1], split.dim) if split else gs[0])
-        flat = torch.cat([f.reshape(-1) for f in fulls])
-        if dist.get_world_size(self.group) > 1:
-            dist.all_reduce(flat, group=self.group)
-        off = 0
-        for (name, split, parts, owners), full in zip(self.entries, fulls):
-            n = full.numel()
-            avg = flat[off:off + n].view_as(full) / max(owners, 1)
-            off += n
-            values = split.layout.split(avg, split.dim) if split else (avg,)
-            for p, v in zip(parts, values):
-                if not p.requires_grad:
-                    continue
-                g = getattr(p, "main_grad", None)
-                target = g if g is not None else p.grad
-                target.copy_(v.to(target.dtype))
-        self.bytes_last = flat.numel() * flat.element_size()
-        return self.bytes_last
+    def sync_gradients(self) -> float:
+        """Replace every held gradient by the mean over its holders; returns bytes sent."""
+        sent = 0.0
+        for s in self._sets:
+            params = self._grad.get(s)
+            h = len(s)
+            if not params or h == 1:
+                continue
+            grads = [self._grad_of(p) for p in params]
+            flat = torch.cat([g.reshape(-1).float() for g in grads])
+            dist.all_reduce(flat, group=self._groups[s])
+            flat.div_(h)
+            off = 0
+            for g in grads:
+                g.copy_(flat[off:off + g.numel()].view_as(g))
+                off += g.numel()
+            sent += 2 * (h - 1) / h * flat.numel() * flat.element_size()
+        self.stats.steps += 1
+        self.stats.grad_bytes_sent += sent
+        self._stale = True  # the optimizer step that follows moves the held values
+        return sent
+
+    @torch.no_grad()
+    def grad_norm(self) -> float:
+        """L2 norm of the synchronised gradient of the whole model, every parameter counted once
+        (weights 1/|S| summed over the replicas, then over TP/PP as Megatron does), so every
+        replica clips by the same factor and the holders of a parameter stay identical. Call
+        after :meth:`sync_gradients`; the trainer installs it as the optimizer's
+        ``get_grad_norm``."""
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.transformer.module import param_is_not_shared
+
+        sq, device = 0.0, None
+        for s, params in self._grad.items():
+            part = 0.0
+            for p in params:
+                g = self._grad_of(p)
+                device = g.device
+                if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
+                    part = part + g.double().pow(2).sum()
+            sq = sq + part / len(s)
+        total = torch.as_tensor(sq, dtype=torch.float64, device=device).reshape(1).clone()
+        dist.all_reduce(total, group=self.layout.replica_group)
+        mp = ps.get_model_parallel_group()
+        if dist.get_world_size(mp) > 1:
+            dist.all_reduce(total, group=mp)
+        return float(total.sqrt())
+
+    def refresh(self) -> float:
+        """Copy every holder set's values to its non-holders (collective over the replica
+        group); returns bytes sent (see :class:`SyncStats`)."""
+        K, me = self.num_replicas, self.layout.replica_index
+        sent = 0.0
+        for s in self._sets:
+            pieces = self._refresh.get(s)
+            if not pieces or len(s) == K:
+                continue
+            views = [pc.view() for pc in pieces]
+            flat = torch.cat([v.reshape(-1) for v in views])
+            dist.broadcast(flat, src=self._members[min(s)], group=self.layout.replica_group)
+            if me not in s:
+                off = 0
+                for v in views:
+                    v.copy_(flat[off:off + v.numel()].view_as(v))
+                    off += v.numel()
+            sent += (K - len(s)) / K * flat.numel() * flat.element_size()
+        self.stats.refreshes += 1
+        self.stats.refresh_bytes_sent += sent
+        self._stale = False
+        return sent
+
+    def refresh_if_stale(self) -> float:
+        """:meth:`refresh` if parameters moved since the last one (lazy mode)."""
+        return self.refresh() if self._stale else 0.0

@@ -37,53 +37,100 @@ def test_invalid_subnet_plans_raise(cfg, N, K, L, needle):
         validate_subnet_config(cfg, num_slices=N, num_replicas=K, num_layers=L)
 
 
-# --------------------------------- SDP: synced gradient = mean over holders
-def _sdp_grad_worker(rank, world_size, masking):
+# ------------------- SDP per-step sync: mean over holders, then holders' values everywhere
+def _full_layout_grads(model, plan):
+    """This replica's local gradient of every parameter in Megatron's full layout, zeros where
+    it holds nothing."""
+    modules = dict(model.named_modules())
+    out = {}
+    for name, own in plan.params.items():
+        mod_name, _, attr = name.rpartition(".")
+        module = modules[mod_name]
+        split = getattr(module, "ppu_splits", {}).get(attr)
+        p = split.owned_param(module) if split is not None else getattr(module, attr)
+        full = torch.zeros(own.shape)
+        if p.requires_grad:
+            full[own.owned_mask()] = p.main_grad.detach().reshape(-1)
+        out[name] = full
+    return out
+
+
+def _sdp_sync_worker(rank, world_size, plan_name):
     import torch.distributed as dist
 
+    from megatron_ppu.config import PPUConfig
     from megatron_ppu.optimizer import wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
-    from megatron_ppu.subnet import SubnetGradSync, apply_block_plan, block_holders_fn
+    from megatron_ppu.subnet import SubnetSync, apply_block_plan, block_holder_sets, block_holders_fn
     from tests import gpt_utils as G
 
     G.init_parallel()
-    K, L = world_size, 4
+    K, L, lr = world_size, 4, 0.5
     layout = build_replica_layout(K)
-    assignment = block_assignment(K, L, 0.5, seed=3)
-    cfg = G.make_config(layers=L)
-    model = G.build_gpt(cfg)
-    apply_block_plan(model, assignment[layout.replica_index], masking)
-    plan = build_ownership_plan(model, K, 1, layout.replica_index, block_holders_fn(assignment, L, K))
+    k = layout.replica_index
+    blocks = plan_name.startswith("blocks")
+    masking = "forward" if plan_name in ("blocks-forward", "neurons") else "backward"
+    cfg = G.make_config(layers=L, swiglu=not blocks, gqa=plan_name == "ppu-heads")
+    ppu, N = None, 1
+    if plan_name == "neurons":
+        ppu, N = PPUConfig(num_slices=2, mlp_forward_masking=True), 2
+    elif plan_name == "ppu-heads":
+        ppu, N = PPUConfig(num_slices=2, slice_attention_heads=True), 2
+    model = G.build_gpt(cfg, ppu, slice_index=k % N)
+    holders = None
+    if blocks:
+        assignment = block_assignment(K, L, 0.5, seed=3)
+        apply_block_plan(model, assignment[k], masking)
+        holders = block_holder_sets(assignment, L)
+    plan = build_ownership_plan(model, K, N, k, block_holders_fn(assignment, L, K) if blocks else None)
     ddp = wrap_model_ddp(model, layout)
+    w0 = {n: v.detach().clone() for n, v in model.state_dict().items() if n in plan.params}
     G.forward_backward(ddp, cfg, G.batch(seed=50 + rank))
-    params = dict(model.named_parameters())
-    local = {n: (p.main_grad.clone() if p.requires_grad else torch.zeros_like(p)) for n, p in params.items()}
+    grads = _full_layout_grads(model, plan)
+    masks = {n: own.owned_mask() for n, own in plan.params.items()}
     everyone = [None] * K
-    dist.all_gather_object(everyone, local)
-    SubnetGradSync(model, plan, layout.replica_group).sync()
+    dist.all_gather_object(everyone, (grads, masks))
+
+    sync = SubnetSync(model, plan, layout, block_holders=holders, lazy=masking == "forward")
+    sent = sync.sync_gradients()
+    norm = sync.grad_norm()
+    # The clipping norm is the norm of the whole synchronised gradient, each element counted once.
+    ref_sq = 0.0
+    for n in plan.params:
+        total = sum(everyone[j][0][n] for j in range(K))
+        count = sum(everyone[j][1][n].to(torch.float32) for j in range(K))
+        ref_sq += float((total / count).double().pow(2).sum())
+    assert abs(norm - ref_sq ** 0.5) <= 1e-5 * ref_sq ** 0.5, (norm, ref_sq ** 0.5)
+    for p in model.parameters():  # identical plain SGD step on every holder
+        if p.requires_grad:
+            p.data.add_(p.main_grad, alpha=-lr)
+    sent += sync.refresh()
+    final = {n: v for n, v in model.state_dict().items() if n in plan.params}
     checked = 0
-    for n, p in params.items():
-        if not p.requires_grad:
-            assert not hasattr(p, "main_grad")  # a block this replica does not hold: no gradient buffer
-            continue
-        # Plain-PyTorch reference: mean of the local gradients of the replicas that hold p.
-        if "decoder.layers." in n:
-            block = int(n.split("decoder.layers.")[1].split(".")[0])
-            holders = [k for k in range(K) if block in assignment[k]]
-        else:
-            holders = list(range(K))
-        expected = torch.stack([everyone[k][n] for k in holders]).mean(0)
-        torch.testing.assert_close(p.main_grad, expected, rtol=1e-6, atol=1e-7)
-        checked += 1
-    return checked
+    for n in plan.params:
+        # Plain-PyTorch reference: W0 - lr x (mean over the replicas holding each element of their
+        # local gradients); every replica, holder or not, must end with it.
+        total = sum(everyone[j][0][n] for j in range(K))
+        count = sum(everyone[j][1][n].to(torch.float32) for j in range(K))
+        assert count.min() >= 1, n
+        expected = w0[n] - lr * total / count
+        torch.testing.assert_close(final[n], expected, rtol=1e-5, atol=1e-6)
+        checked += int(not masks[n].all())  # elements this replica does not hold were refreshed
+    model_bytes = sum(v.numel() * v.element_size() for v in w0.values())
+    return {"checked_not_held": checked, "sent": sent, "ddp": 2 * (K - 1) / K * model_bytes,
+            "stats": vars(sync.stats)}
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("masking", ["backward", "forward"])
-def test_sdp_gradient_is_mean_over_holders(masking):
-    checked = run_ranks(4, "tests.test_subnet:_sdp_grad_worker", {"masking": masking})
-    assert all(c > 0 for c in checked)
+@pytest.mark.parametrize("plan_name", ["blocks-backward", "blocks-forward", "neurons", "ppu-heads"])
+def test_sdp_sync_is_mean_over_holders_then_refresh(plan_name):
+    res = run_ranks(4, "tests.test_subnet:_sdp_sync_worker", {"plan_name": plan_name})
+    assert all(r["checked_not_held"] > 0 for r in res)
+    for r in res:
+        # Sub-group collectives: less traffic than DDP's all-reduce of the whole model.
+        assert 0 < r["sent"] < r["ddp"], r
+        assert r["stats"]["grad_bytes_sent"] > 0 and r["stats"]["refresh_bytes_sent"] > 0
 
 
 # ------------------------------- skipped blocks: no FLOPs, no grads, no optimizer state
@@ -116,11 +163,18 @@ def _skip_worker(rank, world_size):
     out["ref2"] = flops(two_layer)
     full = G.build_gpt(G.make_config(layers=4))
     out["full"] = flops(full)
+    full.eval()
+    with torch.no_grad():
+        out["full_eval_loss"] = float(full(tokens, pos, None, labels=tokens).mean())
     for masking in ("forward", "backward"):
         cfg = G.make_config(layers=4)
         model = G.build_gpt(cfg)
         apply_block_plan(model, [1, 3], masking)
         out[masking] = flops(model)
+        model.eval()  # evaluation runs the full model on every replica, whatever it holds
+        with torch.no_grad():
+            out[masking + "_eval_loss"] = float(model(tokens, pos, None, labels=tokens).mean())
+        model.train()
         model.zero_grad(set_to_none=True)
         plan = build_ownership_plan(model, 1, 1, 0, owners_fn=lambda n: 1)
         ddp = wrap_model_ddp(model, layout)
@@ -140,6 +194,8 @@ def test_skipped_blocks_cost_no_flops_and_no_state():
     assert r["forward"] == r["ref2"]  # forward masking: exactly the FLOPs of a 2-block model
     assert r["backward"][0] == r["full"][0]  # backward masking: full forward ...
     assert r["ref2"][1] < r["backward"][1] < r["full"][1]  # ... dgrad through all, wgrad for 2 of 4
+    # Same seed, same weights: in evaluation a masked model is the full model.
+    assert r["forward_eval_loss"] == r["backward_eval_loss"] == r["full_eval_loss"]
 
 
 # ------------------------------------------------ neuron plan, forward masking

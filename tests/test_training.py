@@ -86,11 +86,15 @@ def test_tensorboard_scalars_written(tiny_data, tmp_path):
     assert [e.step for e in acc.Scalars("lm loss")] == [4]
 
 
-@pytest.mark.timeout(500)
-def test_interrupted_run_resumes_to_identical_losses(tiny_data, tmp_path):
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("method", [
+    ["--ppu-slices", "2", "--diloco-local-steps", "3", "--diloco-streaming-fragments", "2"],
+    # per-step SDP with forward masking: non-held blocks are refreshed lazily (at the save)
+    ["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-masking", "forward", "--subnet-sync", "step"],
+], ids=["ppu-streaming-diloco", "sdp-blocks-forward-step"])
+def test_interrupted_run_resumes_to_identical_losses(tiny_data, tmp_path, method):
     ck = str(tmp_path / "ckpt")
-    common = MODEL + data_flags(tiny_data) + ["--train-iters", "8", "--ppu-slices", "2",
-                                              "--diloco-local-steps", "3", "--diloco-streaming-fragments", "2"]
+    common = MODEL + data_flags(tiny_data) + ["--train-iters", "8"] + method
     res = run_ranks(2, "tests.test_training:_train_worker", {"runs": [
         common,  # uninterrupted
         common + ["--save", ck, "--save-interval", "5", "--exit-interval", "5"],  # "crashes" after 5

@@ -328,9 +328,12 @@ def validate_args(a: TrainArgs) -> None:
         if getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
     ppu, dl, sn = a.ppu(), a.diloco_args, a.subnet_args
+    if sn.subnet_sync == "step" and a.precision.fp16:
+        raise ValueError("--subnet-sync step does not support --fp16 (its loss scaling is per replica); "
+                         "use --bf16.")
     if sn.subnet_sync == "step":
         unused = sorted(f for f in ("diloco_local_steps", "diloco_outer_lr", "diloco_outer_momentum",
-                                    "diloco_streaming_fragments") if f in a.explicit_flags)
+                                    "diloco_streaming_fragments", "diloco_allreduce_dtype") if f in a.explicit_flags)
         if unused:
             raise ValueError(f"--subnet-sync step synchronises every step without the outer optimizer, so "
                              f"{', '.join('--' + u.replace('_', '-') for u in unused)} would be ignored; "

@@ -164,20 +164,27 @@ class Trainer:
             self.optimizer, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.lr_warmup_iters,
             decay_steps=t.lr_decay_iters or t.train_iters, decay_style=t.lr_decay_style, weight_decay=t.weight_decay)
         self.grad_sync = None
+        self.diloco = None
         if self.subnet.sync == "step":
-            # SDP: gradients averaged over each parameter's holders every step, then the holders'
-            # values copied to the non-holders (an outer step with lr 1 and no momentum, H = 1).
-            from ..config import DiLoCoConfig
-            from ..subnet import SubnetGradSync
+            # SDP: every step, gradients averaged over each parameter's holders (sub-group
+            # all-reduces), then the holders' new values copied to the non-holders (at once with
+            # backward masking, before evaluation/saving with forward masking).
+            from ..subnet import SubnetSync, block_holder_sets
 
-            self.grad_sync = SubnetGradSync(self.model, self.plan, self.layout.replica_group)
-            outer = DiLoCoConfig(local_steps=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False,
-                                 num_replicas=replicas, allreduce_dtype=a.diloco_args.diloco_allreduce_dtype)
-        else:
-            outer = a.diloco(replicas)
-        self.diloco = (DiLoCo(self.model, self.plan, self.layout.replica_group, outer, self.optimizer,
-                              inner_group=self.layout.inner_dp_group)
-                       if self.diloco_on else None)
+            self.grad_sync = SubnetSync(
+                self.model, self.plan, self.layout,
+                block_holders=block_holder_sets(assignment, m.num_layers) if self.subnet.plan == "blocks" else None,
+                layer_offset=ps.get_pipeline_model_parallel_rank() * (m.num_layers // pp),
+                lazy=self.subnet.masking == "forward")
+            # Holders must apply identical updates: clip by the norm of the whole synchronised
+            # gradient, not by each replica's own subnetwork's norm.
+            from megatron.core.optimizer import ChainedOptimizer
+
+            assert isinstance(self.optimizer, ChainedOptimizer), type(self.optimizer)
+            self.optimizer.get_grad_norm = self.grad_sync.grad_norm
+        elif self.diloco_on:
+            self.diloco = DiLoCo(self.model, self.plan, self.layout.replica_group, a.diloco(replicas), self.optimizer,
+                                 inner_group=self.layout.inner_dp_group)
         self.iteration = 0
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last stage holds the loss
         self.tb = None
@@ -260,17 +267,18 @@ class Trainer:
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_schedule(self.batches.next_step(self.num_microbatches), forward_only=False)
-        grad_sync_bytes = 0
+        grad_sync_bytes = 0.0
         if self.grad_sync is not None:
-            k = self.layout.num_replicas
-            grad_sync_bytes = int(2 * (k - 1) / k * self.grad_sync.sync())
+            grad_sync_bytes = self.grad_sync.sync_gradients()
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
+        if self.grad_sync is not None and not self.grad_sync.lazy:
+            grad_sync_bytes += self.grad_sync.refresh()
         reports = self.diloco.after_inner_step() if self.diloco is not None else []
         self.iteration += 1
         return {"loss": loss, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "skipped": not ok, "sync_bytes": grad_sync_bytes + sum(r.ring_bytes_sent for r in reports),
+                "skipped": not ok, "sync_bytes": int(grad_sync_bytes) + sum(r.ring_bytes_sent for r in reports),
                 "syncs": len(reports)}
 
     def evaluate(self) -> Dict[str, float]:
@@ -279,6 +287,8 @@ class Trainer:
         from . import data as D
 
         t, c = self.args.training, self.args.checkpoint
+        if self.grad_sync is not None:
+            self.grad_sync.refresh_if_stale()  # forward-masked SDP: bring non-held parts up to date
         per_rank = max(1, c.eval_iters // self.layout.inner_dp)
         offset = self.layout.inner_dp_rank * per_rank * t.micro_batch_size
         batches = list(D.fixed_batches(self.valid_ds, t.micro_batch_size, per_rank, offset))
@@ -304,6 +314,8 @@ class Trainer:
     def save(self) -> str:
         from .checkpointing import save_checkpoint
 
+        if self.grad_sync is not None:
+            self.grad_sync.refresh_if_stale()
         path = save_checkpoint(self.args.checkpoint.save, self.iteration, self.model,
                                dict(self.run_info(), consumed_samples=self.batches.consumed_samples),
                                self._rank_state())
