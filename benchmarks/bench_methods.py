@@ -23,12 +23,21 @@ ranks (gloo), each method in a fresh process group (so that peak memory is per m
 Every measured figure is printed next to the cost model's prediction
 (:mod:`megatron_ppu.estimate`, fp32 layout with the outer state on the host, see
 ``benchmarks/common.py``) with the ratio measured / predicted. Results go to
-``benchmarks/results/methods.json`` and ``methods.md``.
+``benchmarks/results/methods.json`` and ``methods.md`` (``--out`` elsewhere).
+
+The cost model does not know subnetwork data parallelism (the ``sdp_*`` methods), so
+there (:func:`predict_sdp`) gradient and Adam bytes are compared with the trainer's
+ownership plan (``predict_state_bytes(plan.owned_numel())``), FLOPs with DDP's measured
+FLOPs (and, for forward masking, with App. C.2's GEMM terms of the dense model that is left
+after skipping the non-held parts), and bytes sent (per-step sync: ``SubnetSync.stats``;
+outer sync: ``DiLoCo.stats``) with DDP's 2(K-1)/K x gradient bytes; where nothing predicts
+a figure the tables show "-".
 
 Usage::
 
-    python benchmarks/bench_methods.py                 # K=4 ranks, every method (~7 min on 2 cores)
+    python benchmarks/bench_methods.py                 # K=4 ranks, every method (~11 min on 2 cores)
     python benchmarks/bench_methods.py --nproc 4 --steps 20 --methods ddp ppu_mlp4
+    python benchmarks/bench_methods.py --steps 2 --methods ddp sdp_step_blocks_fwd --timing-rounds 0 --out /tmp/m.json
 
 On a machine with fewer cores than ranks the ranks share cores: the wall-clock
 times then include waiting for a core; the CPU time per step does not.
@@ -57,9 +66,19 @@ MODEL = ["--num-layers", "4", "--hidden-size", "512", "--ffn-hidden-size", "2048
 
 
 def methods(local_steps: int, fragments: int):
-    """name -> (label, extra trainer flags). PPU runs on top of Streaming DiLoCo, as in the paper."""
+    """name -> (label, extra trainer flags). PPU runs on top of Streaming DiLoCo, as in the paper.
+
+    The SDP methods (subnetwork data parallelism, :mod:`megatron_ppu.subnet`) give every
+    replica half the model: half the blocks (each held by 2 of the K = 4 replicas) or half
+    the MLP hidden units. ``sdp_step_*`` synchronise every step among each parameter's holders
+    (``--subnet-sync step``, no outer optimizer: compare with DDP); ``sdp_blocks_fwd`` runs on
+    the Streaming DiLoCo outer loop of the streaming methods (compare with PPU 1/2 MLPs)."""
     h = ["--diloco-local-steps", str(local_steps)]
     s = h + ["--diloco-streaming-fragments", str(fragments)]
+    step = ["--subnet-sync", "step"]
+    blocks = ["--subnet-plan", "blocks", "--subnet-coverage", "0.5"]
+    fwd = ["--subnet-masking", "forward"]
+    neurons = ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2"]
     return {
         "ddp": ("DDP", ["--diloco-local-steps", "0"]),
         "diloco": ("DiLoCo", h),
@@ -67,6 +86,113 @@ def methods(local_steps: int, fragments: int):
         "ppu_mlp2": ("PPU 1/2 MLPs", s + ["--ppu-slices", "2"]),
         "ppu_mlp4": ("PPU 1/4 MLPs", s + ["--ppu-slices", "4"]),
         "ppu_mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", s + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
+        "sdp_step_blocks_bwd": ("SDP blocks 1/2 bwd, per-step", step + blocks),
+        "sdp_step_blocks_fwd": ("SDP blocks 1/2 fwd, per-step", step + blocks + fwd),
+        "sdp_step_neurons_fwd": ("SDP neurons 1/2 fwd, per-step", step + neurons),
+        "sdp_blocks_fwd": (f"SDP blocks 1/2 fwd, Streaming (F={fragments})", s + blocks + fwd),
+    }
+
+
+# Refused with --subnet-sync step (no outer optimizer); MODEL sets the first two.
+OUTER_FLAGS = ("--diloco-local-steps", "--diloco-outer-lr", "--diloco-outer-momentum",
+               "--diloco-streaming-fragments", "--diloco-allreduce-dtype")
+SDP_FLAGS = ("--subnet-plan", "--subnet-coverage", "--subnet-masking", "--subnet-sync", "--ppu-slices")
+
+
+def _drop_flags(argv, names):
+    """``argv`` without the flags ``names`` (each followed by one value)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in names:
+            skip = True
+        else:
+            out.append(x)
+    return out
+
+
+def is_sdp(argv) -> bool:
+    return "--subnet-plan" in argv or "--subnet-sync" in argv
+
+
+def is_step_sync(argv) -> bool:
+    return C.flag_value(argv, "--subnet-sync", "outer") == "step"
+
+
+def method_argv(model, train_iters: int, extra):
+    """The trainer flags of one method; per-step SDP drops the outer-loop flags, which it refuses."""
+    argv = model + ["--train-iters", str(train_iters)] + extra
+    if is_step_sync(extra):
+        argv = _drop_flags(argv, OUTER_FLAGS)
+    return argv
+
+
+def dense_reference_argv(argv):
+    """The dense method an SDP method stands next to, for the cost model: the same model and
+    outer loop without the subnet flags; per-step SDP's reference is DDP."""
+    ref = _drop_flags(argv, SDP_FLAGS)
+    if is_step_sync(argv):
+        ref = _drop_flags(ref, OUTER_FLAGS) + ["--diloco-local-steps", "0"]
+    return ref
+
+
+def ddp_reference_argv(argv):
+    """The dense DDP run on the same model (the reference of the bytes-sent and FLOP ratios)."""
+    ref = _drop_flags(argv, OUTER_FLAGS + SDP_FLAGS)
+    return [x for x in ref if x != "--ppu-slice-attention-heads"] + ["--diloco-local-steps", "0"]
+
+
+def predict_sdp(argv, world: int, vocab_size: int, ranks: list) -> dict:
+    """What can be predicted for an SDP method, which the cost model does not know.
+
+    * trainable elements, gradient and Adam bytes: the trainer's ownership plan,
+      ``predict_state_bytes(plan.owned_numel(), bf16=False)`` (max over ranks, as measured);
+    * weights: the cost model of the dense model (every replica stores every weight, held
+      or not; sliced weights keep the other slices in a frozen tensor);
+    * outer state: none with per-step sync; with the outer loop, the cost model of the dense
+      Streaming DiLoCo run (DiLoCo snapshots every parameter some replica trains, and every
+      block has holders);
+    * FLOPs: for forward masking only, App. C.2's GEMM terms of ``common.predict`` for the
+      dense model that is left once the non-held parts are skipped: ``coverage x L`` layers
+      (blocks) or an FFN of ``ffn / N`` units (neurons); backward masking: none (``None``);
+    * bytes sent: no prediction (``None``); DDP's ``2 (K-1)/K x`` dense gradient bytes is
+      given as ``bytes_sent_ddp_per_step`` for comparison.
+    """
+    from megatron_ppu.optimizer import predict_state_bytes
+
+    ref_argv = dense_reference_argv(argv)
+    ref = C.predict(ref_argv, world, vocab_size)
+    dense_ddp = ddp_reference_argv(argv)
+    ddp = C.predict(dense_ddp, world, vocab_size)
+    owned = max(r["owned_numel"] for r in ranks)
+    sb = predict_state_bytes(owned, bf16=False)
+    outer = 0.0 if is_step_sync(argv) else ref["outer_bytes"]
+    flops_exp, src = None, None
+    if C.flag_value(argv, "--subnet-masking", "backward") == "forward":
+        if C.flag_value(argv, "--subnet-plan") == "blocks":
+            held = len(ranks[0]["held_blocks"])
+            flops_exp = C.predict(_drop_flags(dense_ddp, ("--num-layers",)) + ["--num-layers", str(held)],
+                                  world, vocab_size)["flops_gemm"]
+            src = f"App. C.2 GEMM terms (common.predict), dense model with the {held} held layers"
+        elif C.flag_value(argv, "--subnet-plan") == "neurons":
+            n = C.flag_value(argv, "--ppu-slices", 1, int)
+            ffn = C.flag_value(argv, "--ffn-hidden-size", None, int)
+            flops_exp = C.predict(_drop_flags(dense_ddp, ("--ffn-hidden-size",)) + ["--ffn-hidden-size", str(ffn // n)],
+                                  world, vocab_size)["flops_gemm"]
+            src = f"App. C.2 GEMM terms (common.predict), dense model with FFN {ffn} / {n} = {ffn // n}"
+    return {
+        "source": "SDP: ownership plan + cost model of the dense reference",
+        "dense_reference_argv": ref_argv,
+        "params_total": ref["params_total"], "params_trainable": owned,
+        "weights_bytes": ref["weights_bytes"], "grad_bytes": sb.grads, "optimizer_bytes": sb.optimizer,
+        "outer_bytes": outer, "activation_bytes": None,
+        "model_state_bytes": ref["weights_bytes"] + sb.grads + sb.optimizer + outer,
+        "flops_model": None, "flops_gemm": None, "flops_dense_gemm": ref["flops_dense_gemm"],
+        "flops_forward_gemm": None, "flops_ratio_vs_dense": None,
+        "flops_expected_gemm": flops_exp, "flops_expected_source": src,
+        "bytes_sent_per_step": None, "sync_payload_bytes": None,
+        "bytes_sent_ddp_per_step": ddp["bytes_sent_per_step"],
     }
 
 
@@ -77,7 +203,7 @@ def run_worker(spec: dict) -> dict:
     import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_ppu.optimizer import measure_state_bytes
+    from megatron_ppu.optimizer import measure_state_bytes, predict_state_bytes
 
     rss_start = C.max_rss_bytes()  # after importing torch and megatron-core: the baseline
     t_build = time.perf_counter()
@@ -86,7 +212,8 @@ def run_worker(spec: dict) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {"rank": rank, "world": world, "build_s": t_build,
            "vocab_size": tr.resolved["tokenizer"].vocab_size, "plan": tr.plan.summary(),
-           "owned_numel": tr.plan.owned_numel(), "total_numel": tr.plan.total_numel()}
+           "owned_numel": tr.plan.owned_numel(), "total_numel": tr.plan.total_numel(),
+           "held_blocks": list(getattr(tr, "held_blocks", []) or [])}
     out["rss_start"] = rss_start
     out["rss_after_build"] = C.current_rss_bytes()
 
@@ -120,7 +247,20 @@ def run_worker(spec: dict) -> dict:
     out["optimizer_bytes"] = sb.optimizer
     out["trainable_elements"] = sb.trainable_elements
     out["weights_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
-    if tr.diloco is not None:
+    plan_sb = predict_state_bytes(tr.plan.owned_numel(), bf16=False)  # what the ownership plan predicts
+    out["plan_grad_bytes"], out["plan_optimizer_bytes"] = plan_sb.grads, plan_sb.optimizer
+    if tr.grad_sync is not None:
+        # SDP per-step sync: sub-group gradient all-reduces (+ refresh broadcasts of the non-held
+        # values with backward masking; deferred to evaluation with forward masking).
+        st = tr.grad_sync.stats
+        out["outer_bytes"] = 0
+        out["inner_steps"] = tr.iteration
+        out["sync_stats"] = {"steps": st.steps, "refreshes": st.refreshes, "grad_bytes_sent": st.grad_bytes_sent,
+                             "refresh_bytes_sent": st.refresh_bytes_sent, "bytes_sent": st.bytes_sent}
+        out["bytes_sent_per_step"] = st.bytes_sent / st.steps
+        out["grad_bytes_sent_per_step"] = st.grad_bytes_sent / st.steps
+        out["refresh_bytes_sent_per_step"] = st.refresh_bytes_sent / st.steps
+    elif tr.diloco is not None:
         d = tr.diloco
         out["outer_bytes"] = d.outer_state_bytes()
         out["inner_steps"] = d.step
@@ -271,9 +411,16 @@ def _median(xs):
 
 
 def summarise(name: str, label: str, argv, ranks: list, world: int) -> dict:
-    """Aggregate the ranks of one method and put the prediction next to each figure."""
+    """Aggregate the ranks of one method and put the prediction next to each figure.
+
+    The cost model predicts the DDP / DiLoCo / PPU methods; for the SDP methods, which it
+    does not know, see :func:`predict_sdp` (fields it cannot predict are ``None``, their
+    ratios too)."""
     r0 = ranks[0]
-    pred = C.predict(argv, world, r0["vocab_size"])
+    sdp = is_sdp(argv)
+    pred = predict_sdp(argv, world, r0["vocab_size"], ranks) if sdp else C.predict(argv, world, r0["vocab_size"])
+    if not sdp:  # the DDP reference of the communication column
+        pred["bytes_sent_ddp_per_step"] = C.predict(ddp_reference_argv(argv), world, r0["vocab_size"])["bytes_sent_per_step"]
     steps = len(r0["walls"])
     wall_step = [max(r["walls"][i] for r in ranks) for i in range(steps)]
     cpu_step = [sum(r["cpus"][i] for r in ranks) / len(ranks) for i in range(steps)]
@@ -302,34 +449,52 @@ def summarise(name: str, label: str, argv, ranks: list, world: int) -> dict:
         "wall_steps_s": wall_step, "cpu_steps_s": cpu_step,
         "bytes_sent_per_step": across("bytes_sent_per_step"),
         "inner_steps_total": r0["inner_steps"], "syncs_total": r0.get("syncs_total"),
-        "build_s": across("build_s"),
+        "build_s": across("build_s"), "sdp": sdp, "sync": ("step" if is_step_sync(argv) else "outer") if sdp else None,
+        "held_blocks_per_rank": [r["held_blocks"] for r in ranks],
+        "owned_elements_per_rank": [r["owned_numel"] for r in ranks],
+        "plan_grad_bytes": across("plan_grad_bytes"), "plan_optimizer_bytes": across("plan_optimizer_bytes"),
+        # the plan's prediction of grads and Adam bytes, rank by rank
+        "plan_state_exact_all_ranks": all(r["grad_bytes"] == r["plan_grad_bytes"]
+                                          and r["optimizer_bytes"] == r["plan_optimizer_bytes"] for r in ranks),
     }
+    if "sync_stats" in r0:
+        m["sync_stats_per_rank"] = [r["sync_stats"] for r in ranks]
+        m["grad_bytes_sent_per_step"] = across("grad_bytes_sent_per_step")
+        m["refresh_bytes_sent_per_step"] = across("refresh_bytes_sent_per_step")
     m["state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"] + m["outer_bytes"]
     m["rss_growth_bytes"] = max(r["rss_peak"] - r["rss_start"] for r in ranks)
     m["predicted"] = pred
-    m["predicted"]["state_plus_activations_bytes"] = pred["model_state_bytes"] + pred["activation_bytes"]
+    m["predicted"]["state_plus_activations_bytes"] = (None if pred["activation_bytes"] is None
+                                                      else pred["model_state_bytes"] + pred["activation_bytes"])
     m["ratios"] = {
         "weights": C.ratio(m["weights_bytes"], pred["weights_bytes"]),
         "grads": C.ratio(m["grad_bytes"], pred["grad_bytes"]),
         "optimizer": C.ratio(m["optimizer_bytes"], pred["optimizer_bytes"]),
         "outer": C.ratio(m["outer_bytes"], pred["outer_bytes"]) if pred["outer_bytes"] else None,
+        "grads_adam": C.ratio(m["grad_bytes"] + m["optimizer_bytes"], pred["grad_bytes"] + pred["optimizer_bytes"]),
+        "grads_adam_plan": C.ratio(m["grad_bytes"] + m["optimizer_bytes"],
+                                   m["plan_grad_bytes"] + m["plan_optimizer_bytes"]),
         "state": C.ratio(m["state_bytes"], pred["model_state_bytes"]),
         "trainable": C.ratio(m["trainable_elements"], pred["params_trainable"]),
         "flops_gemm": C.ratio(m["flops_step"], pred["flops_gemm"]),
         "flops_model": C.ratio(m["flops_step"], pred["flops_model"]),
+        "flops_expected": C.ratio(m["flops_step"], pred.get("flops_expected_gemm")),
         "rss_growth_vs_state_plus_act": C.ratio(m["rss_growth_bytes"], m["predicted"]["state_plus_activations_bytes"]),
         "bytes_sent": C.ratio(m["bytes_sent_per_step"], pred["bytes_sent_per_step"]) if pred["bytes_sent_per_step"] else None,
+        # vs DDP's 2(K-1)/K x the dense gradient bytes, every step (cost model of the dense DDP run)
+        "bytes_sent_vs_ddp": C.ratio(m["bytes_sent_per_step"], pred["bytes_sent_ddp_per_step"]),
     }
     return m
 
 
 def add_relative(results: dict) -> None:
-    """Step-time ratios to DDP and PPU's realised vs predicted saving relative to Streaming DiLoCo."""
+    """Step-time and FLOP ratios to DDP (measured, same run) and PPU's realised vs predicted
+    saving relative to Streaming DiLoCo."""
     ddp = results.get("ddp")
     base = results.get("streaming_diloco") or results.get("diloco")
     for m in results.values():
         if ddp:
-            for k in ("wall_median_s", "cpu_median_s", "wall_mean_s", "cpu_mean_s"):
+            for k in ("wall_median_s", "cpu_median_s", "wall_mean_s", "cpu_mean_s", "flops_step"):
                 m[f"{k}_vs_ddp"] = C.ratio(m[k], ddp[k])
         if base and m["name"].startswith("ppu"):
             pred_saving = 1 - m["flops_step"] / base["flops_step"]
@@ -351,6 +516,16 @@ def _r(x, d=4):
     return "-" if x is None else f"{x:.{d}f}"
 
 
+def _e(x):
+    """FLOPs, or "-" where there is no prediction."""
+    return "-" if x is None else f"{x:.4e}"
+
+
+def _n(x):
+    """An element / byte count with thousands separators, or "-"."""
+    return "-" if x is None else f"{x:,.0f}"
+
+
 def markdown(results: dict, meta: dict) -> str:
     L = []
     L.append("# Methods benchmark: measured vs cost model\n")
@@ -367,12 +542,18 @@ def markdown(results: dict, meta: dict) -> str:
     L.append("|---|---|---|---|---|---|---|---|")
     for m in results.values():
         p, q = m["predicted"], m["ratios"]
-        L.append(f"| {m['label']} | {m['trainable_elements']:,} / {p['params_trainable']:,.0f} "
-                 f"| {m['weights_bytes']:,} / {p['weights_bytes']:,.0f} "
-                 f"| {m['grad_bytes']:,} / {p['grad_bytes']:,.0f} ({_r(q['grads'])}) "
-                 f"| {m['optimizer_bytes']:,} / {p['optimizer_bytes']:,.0f} ({_r(q['optimizer'])}) "
-                 f"| {m['outer_bytes']:,} / {p['outer_bytes']:,.0f} ({_r(q['outer'])}) "
+        L.append(f"| {m['label']}{' (*)' if m.get('sdp') else ''} | {m['trainable_elements']:,} / {_n(p['params_trainable'])} "
+                 f"| {m['weights_bytes']:,} / {_n(p['weights_bytes'])} "
+                 f"| {m['grad_bytes']:,} / {_n(p['grad_bytes'])} ({_r(q['grads'])}) "
+                 f"| {m['optimizer_bytes']:,} / {_n(p['optimizer_bytes'])} ({_r(q['optimizer'])}) "
+                 f"| {m['outer_bytes']:,} / {_n(p['outer_bytes'])} ({_r(q['outer'])}) "
                  f"| {C.fmt_bytes(m['state_bytes'])} / {C.fmt_bytes(p['model_state_bytes'])} | {_r(q['state'])} |")
+    if any(m.get("sdp") for m in results.values()):
+        L.append("\n(*) SDP methods: the cost model does not know SDP plans. Their trainable elements, "
+                 "gradient and Adam bytes are predicted by the trainer's ownership plan "
+                 "(`predict_state_bytes(plan.owned_numel(), bf16=False)`), their weights and (outer sync) "
+                 "outer state by the cost model of the dense reference run (every replica stores every "
+                 "weight; DiLoCo snapshots every parameter, and every block has holders).\n")
     L.append("\n## Peak process memory per rank\n")
     L.append("| method | peak RSS (max rank) | growth over start-up | predicted state + activations | ratio |")
     L.append("|---|---|---|---|---|")
@@ -382,14 +563,49 @@ def markdown(results: dict, meta: dict) -> str:
                  f"| {C.fmt_bytes(p['state_plus_activations_bytes'])} "
                  f"(activations {C.fmt_bytes(p['activation_bytes'])}) | {_r(m['ratios']['rss_growth_vs_state_plus_act'], 3)} |")
     L.append("\n## FLOPs per training step per rank (FlopCounterMode) and communication\n")
+    L.append("FLOPs / DDP: measured over DDP's measured FLOPs in this run. Bytes sent / DDP: over DDP's "
+             "2(K-1)/K x the dense gradient bytes per step. \"-\": no cost-model prediction (SDP, see below).\n")
     L.append("| method | measured FLOPs | predicted GEMM FLOPs (App. C.2) | ratio | App. C.2 incl. non-GEMM terms "
-             "| bytes sent / rank / step | predicted | ratio |")
-    L.append("|---|---|---|---|---|---|---|---|")
+             "| FLOPs / DDP | bytes sent / rank / step | predicted | ratio | / DDP |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     for m in results.values():
         p, q = m["predicted"], m["ratios"]
-        L.append(f"| {m['label']} | {m['flops_step']:.4e} | {p['flops_gemm']:.4e} | {_r(q['flops_gemm'], 5)} "
-                 f"| {p['flops_model']:.4e} ({_r(q['flops_model'])}) | {C.fmt_bytes(m['bytes_sent_per_step'])} "
-                 f"| {C.fmt_bytes(p['bytes_sent_per_step'])} | {_r(q['bytes_sent'])} |")
+        L.append(f"| {m['label']} | {m['flops_step']:.4e} | {_e(p['flops_gemm'])} | {_r(q['flops_gemm'], 5)} "
+                 f"| {_e(p['flops_model'])} ({_r(q['flops_model'])}) | {_r(m.get('flops_step_vs_ddp'))} "
+                 f"| {C.fmt_bytes(m['bytes_sent_per_step'])} "
+                 f"| {C.fmt_bytes(p['bytes_sent_per_step'])} | {_r(q['bytes_sent'])} | {_r(q['bytes_sent_vs_ddp'])} |")
+    sdp = [m for m in results.values() if m.get("sdp")]
+    if sdp:
+        L.append("\n## Subnetwork data parallelism (SDP): measured vs ownership plan, FLOPs and bytes vs DDP\n")
+        L.append("No cost-model prediction exists for SDP (\"-\" above). Gradients + Adam: measured "
+                 "(max over ranks) / the plan's `predict_state_bytes(owned_numel, bf16=False)`, and whether "
+                 "they are equal on every rank. FLOPs / DDP: measured / DDP's measured FLOPs in this run. "
+                 "Expected FLOPs (forward masking only): App. C.2's GEMM terms (`common.predict`) of the dense "
+                 "model that is left once the non-held parts are skipped (the held layers, or FFN / N units); "
+                 "backward masking has no expected value. Bytes sent: per-step sync, `SubnetSync.stats` "
+                 "(sub-group ring all-reduces of the gradients, 2(h-1)/h x payload per holder set of size h, "
+                 "plus refresh broadcasts to the non-holders, (K-h)/K x payload, every step with backward "
+                 "masking and only before evaluation with forward masking); outer sync, `DiLoCo.stats` as "
+                 "for the other DiLoCo methods; / DDP: over DDP's 2(K-1)/K x the dense gradient bytes per "
+                 "step.\n")
+        L.append("| method | sync | held blocks (rank 0) | owned elements | grads + Adam measured / plan | ratio "
+                 "| exact, all ranks | FLOPs | / DDP | expected FLOPs | ratio | bytes sent / step (grad + refresh) "
+                 "| / DDP |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for m in sdp:
+            p, q = m["predicted"], m["ratios"]
+            split = (f" ({C.fmt_bytes(m['grad_bytes_sent_per_step'])} + {C.fmt_bytes(m['refresh_bytes_sent_per_step'])})"
+                     if "grad_bytes_sent_per_step" in m else " (outer)")
+            L.append(f"| {m['label']} | {m['sync']} | {m['held_blocks_per_rank'][0] or 'all'} "
+                     f"| {m['owned_elements_per_rank'][0]:,} of {m['total_elements']:,} "
+                     f"| {m['grad_bytes'] + m['optimizer_bytes']:,} / {m['plan_grad_bytes'] + m['plan_optimizer_bytes']:,} "
+                     f"| {_r(q['grads_adam_plan'])} | {'yes' if m['plan_state_exact_all_ranks'] else 'NO'} "
+                     f"| {m['flops_step']:.4e} | {_r(m.get('flops_step_vs_ddp'))} | {_e(p.get('flops_expected_gemm'))} "
+                     f"| {_r(q['flops_expected'], 5)} | {C.fmt_bytes(m['bytes_sent_per_step'])}{split} "
+                     f"| {_r(q['bytes_sent_vs_ddp'])} |")
+        srcs = sorted({m["predicted"]["flops_expected_source"] for m in sdp if m["predicted"].get("flops_expected_source")})
+        if srcs:
+            L.append("\nExpected FLOPs from: " + "; ".join(srcs) + ".\n")
     L.append("\n## Step time\n")
     L.append("Wall: slowest rank per step (barrier before each step), median over the timed steps. CPU: "
              "process CPU time per step, mean over ranks, median over steps. Means include the outer-sync "
@@ -419,19 +635,34 @@ def markdown(results: dict, meta: dict) -> str:
 
 def print_summary(results: dict) -> None:
     print()
-    print(f"{'method':28s} {'state bytes meas/pred':>30s} {'ratio':>7s} {'FLOPs meas':>11s} {'pred GEMM':>11s} "
-          f"{'ratio':>8s} {'B sent/step':>12s} {'ratio':>6s} {'wall med':>9s} {'/DDP':>6s} {'cpu med':>8s} {'/DDP':>6s} {'peakRSS':>10s}")
+    print(f"{'method':34s} {'state bytes meas/pred':>30s} {'ratio':>7s} {'FLOPs meas':>11s} {'pred GEMM':>11s} "
+          f"{'ratio':>8s} {'/DDP':>6s} {'B sent/step':>12s} {'ratio':>6s} {'/DDP':>6s} {'wall med':>9s} {'/DDP':>6s} "
+          f"{'cpu med':>8s} {'/DDP':>6s} {'peakRSS':>10s}")
     for m in results.values():
         p, q = m["predicted"], m["ratios"]
-        print(f"{m['label']:28s} {m['state_bytes']:>14,d}/{p['model_state_bytes']:<15,.0f} {_r(q['state']):>7s} "
-              f"{m['flops_step']:11.4e} {p['flops_gemm']:11.4e} {_r(q['flops_gemm'], 5):>8s} "
-              f"{m['bytes_sent_per_step']:12,.0f} {_r(q['bytes_sent'], 3):>6s} {m['wall_median_s']:9.3f} "
+        print(f"{m['label']:34s} {m['state_bytes']:>14,d}/{p['model_state_bytes']:<15,.0f} {_r(q['state']):>7s} "
+              f"{m['flops_step']:11.4e} {_e(p['flops_gemm']):>11s} {_r(q['flops_gemm'], 5):>8s} "
+              f"{_r(m.get('flops_step_vs_ddp'), 3):>6s} "
+              f"{m['bytes_sent_per_step']:12,.0f} {_r(q['bytes_sent'], 3):>6s} {_r(q['bytes_sent_vs_ddp'], 3):>6s} "
+              f"{m['wall_median_s']:9.3f} "
               f"{_r(m.get('wall_median_s_vs_ddp'), 3):>6s} {m['cpu_median_s']:8.3f} {_r(m.get('cpu_median_s_vs_ddp'), 3):>6s} "
               f"{C.fmt_bytes(m['rss_peak_bytes']):>10s}")
     for m in results.values():
+        if m.get("sdp"):
+            p, q = m["predicted"], m["ratios"]
+            print(f"{m['label']:34s} SDP ({m['sync']} sync, held blocks rank 0 {m['held_blocks_per_rank'][0] or 'all'}): "
+                  f"grads+Adam {m['grad_bytes'] + m['optimizer_bytes']:,} / plan "
+                  f"{m['plan_grad_bytes'] + m['plan_optimizer_bytes']:,} = {_r(q['grads_adam_plan'])} "
+                  f"(exact on all ranks: {m['plan_state_exact_all_ranks']}); FLOPs / DDP {_r(m.get('flops_step_vs_ddp'))}, "
+                  f"/ expected {_e(p.get('flops_expected_gemm'))} = {_r(q['flops_expected'], 5)}; bytes/step "
+                  f"{m['bytes_sent_per_step']:,.0f}"
+                  + (f" (grad {m['grad_bytes_sent_per_step']:,.0f} + refresh {m['refresh_bytes_sent_per_step']:,.0f})"
+                     if "grad_bytes_sent_per_step" in m else "")
+                  + f" = {_r(q['bytes_sent_vs_ddp'])} x DDP's {p['bytes_sent_ddp_per_step']:,.0f}")
+    for m in results.values():
         s = m.get("saving_vs_baseline")
         if s:
-            print(f"{m['label']:28s} vs {s['baseline']}: predicted FLOP saving {_pct(s['predicted_flop_saving'])}, "
+            print(f"{m['label']:34s} vs {s['baseline']}: predicted FLOP saving {_pct(s['predicted_flop_saving'])}, "
                   f"realised CPU {_pct(s['realised_saving_cpu_median_nonsync_s'])} "
                   f"(x{_r(s['realised_over_predicted_cpu_median_nonsync_s'], 2)}), wall "
                   f"{_pct(s['realised_saving_wall_median_nonsync_s'])} "
@@ -515,7 +746,7 @@ def main(argv=None) -> dict:
     results = {}
     for name in names:
         label, extra = all_methods[name]
-        argv_m = model + ["--train-iters", str(total + 10)] + extra
+        argv_m = method_argv(model, total + 10, extra)
         spec = {"name": name, "argv": argv_m, "warmup": a.warmup, "steps": steps}
         ts = time.time()
         ranks = C.launch_ranks(os.path.abspath(__file__), a.nproc, spec, log_dir=a.log_dir)
@@ -524,7 +755,7 @@ def main(argv=None) -> dict:
         m = results[name]
         print(f"[{time.time() - t0:6.0f} s] {label}: state {m['state_bytes']:,} B (pred "
               f"{m['predicted']['model_state_bytes']:,.0f}), FLOPs {m['flops_step']:.4e} (pred GEMM "
-              f"{m['predicted']['flops_gemm']:.4e}), wall median {m['wall_median_s']:.3f} s, CPU median "
+              f"{_e(m['predicted']['flops_gemm'])}), wall median {m['wall_median_s']:.3f} s, CPU median "
               f"{m['cpu_median_s']:.3f} s, peak RSS {C.fmt_bytes(m['rss_peak_bytes'])}", flush=True)
     add_relative(results)
     timing = None

@@ -20,6 +20,13 @@ Negative controls (paper App. C and D):
 * ``control_detach``: 1/4 MLPs with the frozen slices' input-Jacobian term dropped
   (``--ppu-detach-frozen-jacobian``), to compare with ``ppu_mlp4``.
 
+Subnetwork data parallelism (seed paper 003, :mod:`megatron_ppu.subnet`), every replica
+holding half the model: ``sdp_blocks_{bwd,fwd}`` (2 of the 4 blocks, backward or forward
+masking) and ``sdp_neurons_fwd`` (half the MLP units, forward masking) on the same Streaming
+DiLoCo outer loop, and ``sdp_step_*`` the same plans with SDP's per-step synchronisation
+(``--subnet-sync step``, no outer optimizer: compare with DDP). The report puts them in their
+own table and figures (``convergence_sdp_*.png``) next to DDP, Streaming DiLoCo and PPU 1/2.
+
 Each method's result is written to ``benchmarks/results/convergence/<method>.json`` as
 soon as it finishes (progress in ``<method>.partial.json`` at every evaluation), and a
 rerun skips finished methods (``--force`` redoes them), so a crash loses at most the
@@ -48,11 +55,19 @@ RESULTS = os.path.join(HERE, "results")
 FIGURES = os.path.join(C.REPO, "docs", "figures")
 
 METHOD_ORDER = ["ddp", "diloco", "streaming_diloco", "ppu_mlp2", "ppu_mlp4", "ppu_mlp4_heads4",
-                "control_wo", "control_detach"]  # order of the tables
+                "control_wo", "control_detach",
+                "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
+                "sdp_step_blocks_bwd", "sdp_step_blocks_fwd", "sdp_step_neurons_fwd"]  # order of the tables
 # Order of the runs: the paper's comparison (Streaming DiLoCo vs PPU) and the controls first, so that
 # a study cut short by the machine's time limit misses the least important method (plain DiLoCo).
 RUN_ORDER = ["ddp", "streaming_diloco", "ppu_mlp4", "ppu_mlp2", "ppu_mlp4_heads4", "control_detach",
-             "control_wo", "diloco"]
+             "control_wo", "diloco", "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
+             "sdp_step_blocks_bwd", "sdp_step_blocks_fwd", "sdp_step_neurons_fwd"]
+PAPER_METHODS = METHOD_ORDER[:8]
+SDP_METHODS = METHOD_ORDER[8:]
+SDP_TABLE = ["ddp", "streaming_diloco", "ppu_mlp2"] + SDP_METHODS  # SDP next to its references
+# Flags of the outer optimizer, which per-step SDP (no outer loop) refuses.
+OUTER_FLAGS = ("--diloco-outer-lr", "--diloco-outer-momentum")
 
 
 def model_flags(a) -> list:
@@ -72,6 +87,10 @@ def methods(a) -> dict:
     """name -> (label, extra flags). PPU and the controls run on Streaming DiLoCo, as in the paper."""
     h = ["--diloco-local-steps", str(a.local_steps)]
     s = h + ["--diloco-streaming-fragments", str(a.fragments)]
+    step = ["--subnet-sync", "step"]
+    blocks = ["--subnet-plan", "blocks", "--subnet-coverage", "0.5"]
+    fwd = ["--subnet-masking", "forward"]
+    neurons = ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2"]
     return {
         "ddp": ("DDP", ["--diloco-local-steps", "0"]),
         "diloco": ("DiLoCo", h),
@@ -83,6 +102,16 @@ def methods(a) -> dict:
                        s + ["--ppu-slices", "4", "--ppu-slice-attention-heads", "--ppu-slice-attention-output"]),
         "control_detach": ("control: 1/4 MLPs, frozen Jacobian detached",
                            s + ["--ppu-slices", "4", "--ppu-detach-frozen-jacobian"]),
+        # Subnetwork data parallelism (seed paper 003), every replica holding half the model so
+        # that they compare with PPU 1/2 MLPs: half the blocks (2 holders each), or half the MLP
+        # hidden units dropped from the forward pass too. First on the same Streaming DiLoCo outer
+        # loop as PPU, then with SDP's own per-step synchronisation (compare with DDP).
+        "sdp_blocks_bwd": ("SDP blocks 1/2, backward masking, outer sync", s + blocks),
+        "sdp_blocks_fwd": ("SDP blocks 1/2, forward masking, outer sync", s + blocks + fwd),
+        "sdp_neurons_fwd": ("SDP neurons 1/2, forward masking, outer sync", s + neurons),
+        "sdp_step_blocks_bwd": ("SDP blocks 1/2, backward masking, per-step sync", step + blocks),
+        "sdp_step_blocks_fwd": ("SDP blocks 1/2, forward masking, per-step sync", step + blocks + fwd),
+        "sdp_step_neurons_fwd": ("SDP neurons 1/2, forward masking, per-step sync", step + neurons),
     }
 
 
@@ -91,7 +120,7 @@ def run_worker(spec: dict) -> dict:
     """One rank of one method: train, evaluate at intervals, measure state, report."""
     import torch.distributed as dist
 
-    from megatron_ppu.optimizer import measure_state_bytes
+    from megatron_ppu.optimizer import measure_state_bytes, predict_state_bytes
 
     rss_start = C.max_rss_bytes()
     t0 = time.perf_counter()
@@ -125,7 +154,11 @@ def run_worker(spec: dict) -> dict:
            "outer_bytes": tr.diloco.outer_state_bytes() if tr.diloco is not None else 0,
            "syncs": tr.diloco.stats.syncs if tr.diloco is not None else 0,
            "bytes_sent": tr.diloco.stats.ring_bytes_sent if tr.diloco is not None else
+           tr.grad_sync.stats.bytes_sent if tr.grad_sync is not None else
            (2 * (world - 1) / world * sb.grads * iters),
+           "sync_stats": vars(tr.grad_sync.stats) if tr.grad_sync is not None else None,
+           # grads + Adam state predicted from the ownership plan's trainable count (fp32)
+           "plan_state_bytes": (lambda b: b.grads + b.optimizer)(predict_state_bytes(tr.plan.owned_numel(), bf16=False)),
            "skipped_outer": tr.diloco.stats.skipped if tr.diloco is not None else 0,
            "vocab_size": tr.resolved["tokenizer"].vocab_size, "plan": tr.plan.summary(),
            "total_numel": tr.plan.total_numel(), "global_batch_size": tr.global_batch_size,
@@ -151,6 +184,8 @@ def summarise(name, label, argv, ranks, a) -> dict:
         "rss_peak_bytes": max(r["rss_peak"] for r in ranks), "syncs": r0["syncs"], "skipped_outer": r0["skipped_outer"],
         "bytes_sent_per_rank": max(r["bytes_sent"] for r in ranks), "data": r0["data"], "predicted": pred,
     }
+    m["plan_state_bytes"] = max(r.get("plan_state_bytes", 0) for r in ranks)
+    m["sync_stats"] = r0.get("sync_stats")
     m["state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"] + m["outer_bytes"]
     m["device_state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"]
     m["state_ratio_vs_predicted"] = C.ratio(m["state_bytes"], pred["model_state_bytes"])
@@ -183,7 +218,10 @@ def figures(results: dict, meta: dict, prefix: str, fig_dir: str) -> list:
     styles = {"ddp": ("black", "-"), "diloco": ("tab:orange", "--"), "streaming_diloco": ("tab:orange", "-"),
               "ppu_mlp2": ("tab:blue", "-"), "ppu_mlp4": ("tab:green", "-"),
               "ppu_mlp4_heads4": ("tab:purple", "-"), "control_wo": ("tab:red", ":"),
-              "control_detach": ("tab:brown", ":")}
+              "control_detach": ("tab:brown", ":"),
+              "sdp_blocks_bwd": ("tab:cyan", "-."), "sdp_blocks_fwd": ("tab:olive", "-."),
+              "sdp_neurons_fwd": ("tab:pink", "-."), "sdp_step_blocks_bwd": ("tab:cyan", (0, (5, 1))),
+              "sdp_step_blocks_fwd": ("tab:olive", (0, (5, 1))), "sdp_step_neurons_fwd": ("tab:pink", (0, (5, 1)))}
     tok_per_it = meta["global_batch_size"] * meta["seq_length"]
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.4))
@@ -257,21 +295,32 @@ def markdown(results: dict, meta: dict, figs: list) -> str:
          f"Machine: {meta['machine']['cpu']}, {meta['machine']['cpu_count']} CPU cores shared with other jobs, "
          f"no GPU; torch {meta['machine']['versions']['torch']}, megatron-core "
          f"{meta['machine']['versions']['megatron-core']}.\n"]
-    base = results.get("streaming_diloco")
-    L.append("| method | held-out loss | perplexity | vs Streaming DiLoCo | final train loss (last 5 %) | tokens "
-             "| trainable / rank | weights+grads+Adam / rank | + outer state (host) | peak RSS / rank "
-             "| bytes sent / rank | wall time |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for m in results.values():
+    base, ddp = results.get("streaming_diloco"), results.get("ddp")
+    head = ("| method | held-out loss | perplexity | vs Streaming DiLoCo | vs DDP | final train loss (last 5 %) "
+            "| tokens | trainable / rank | weights+grads+Adam / rank | + outer state (host) | peak RSS / rank "
+            "| bytes sent / rank | wall time |")
+
+    def row(m):
         rel = f"{100 * (m['final_ppl'] / base['final_ppl'] - 1):+.1f} %" if base else "-"
-        L.append(f"| {m['label']} | {m['final_loss']:.4f} | {m['final_ppl']:.2f} | {rel} | {m['train_loss_last5pct']:.4f} "
-                 f"| {m['tokens']:,} | {m['trainable_elements']:,} ({100 * m['trainable_elements'] / m['total_elements']:.0f} %) "
-                 f"| {C.fmt_bytes(m['device_state_bytes'])} | {C.fmt_bytes(m['state_bytes'])} "
-                 f"| {C.fmt_bytes(m['rss_peak_bytes'])} | {C.fmt_bytes(m['bytes_sent_per_rank'])} | {m['train_s'] / 60:.1f} min |")
-    L.append("")
+        rel_ddp = f"{100 * (m['final_ppl'] / ddp['final_ppl'] - 1):+.1f} %" if ddp else "-"
+        return (f"| {m['label']} | {m['final_loss']:.4f} | {m['final_ppl']:.2f} | {rel} | {rel_ddp} "
+                f"| {m['train_loss_last5pct']:.4f} | {m['tokens']:,} "
+                f"| {m['trainable_elements']:,} ({100 * m['trainable_elements'] / m['total_elements']:.0f} %) "
+                f"| {C.fmt_bytes(m['device_state_bytes'])} | {C.fmt_bytes(m['state_bytes'])} "
+                f"| {C.fmt_bytes(m['rss_peak_bytes'])} | {C.fmt_bytes(m['bytes_sent_per_rank'])} "
+                f"| {m['train_s'] / 60:.1f} min |")
+
+    for title, names in (("DiLoCo, Streaming DiLoCo, PPU and the paper's controls", PAPER_METHODS),
+                         ("Subnetwork data parallelism (SDP), next to its references", SDP_TABLE)):
+        rows = [results[n] for n in names if n in results]
+        if not rows:
+            continue
+        L += [f"### {title}\n", head, "|---" * 13 + "|"] + [row(m) for m in rows] + [""]
     L.append("Held-out loss is the mean over replicas of each replica's loss on the same validation batches "
              "(the library's `Trainer.evaluate`) after the last iteration. Bytes sent: ring all-reduce "
-             "bytes per rank over the whole run (DDP: 2(K-1)/K x gradient bytes per iteration).\n")
+             "bytes per rank over the whole run (DDP: 2(K-1)/K x gradient bytes per iteration; per-step SDP: "
+             "2(h-1)/h x the gradient payload of each group of h holders plus (K-h)/K x the values broadcast "
+             "to non-holders, see `megatron_ppu.subnet.SyncStats`).\n")
     for p in figs:
         L.append(f"![{os.path.basename(p)}]({os.path.relpath(p, RESULTS)})")
     return "\n".join(L) + "\n"
@@ -299,7 +348,14 @@ def report(a, names, allm, meta_extra=None) -> dict:
     meta.update(meta_extra or {})
     prefix = "convergence" if a.tag == "convergence" else a.tag
     # The study's figures go to docs/figures/; other tags (smoke runs) keep theirs in results/<tag>/.
-    figs = figures(results, meta, prefix, FIGURES if a.tag == "convergence" else out_dir)
+    fig_dir = FIGURES if a.tag == "convergence" else out_dir
+    figs = []
+    for suffix, group in (("", PAPER_METHODS), ("_sdp", SDP_TABLE)):
+        sub = {n: results[n] for n in group if n in results}
+        if suffix and not any(n in results for n in SDP_METHODS):
+            continue
+        if sub:
+            figs += figures(sub, meta, prefix + suffix, fig_dir)
     with open(os.path.join(RESULTS, f"{prefix}.json"), "w") as f:
         json.dump({"meta": meta, "methods": results}, f, indent=1)
     with open(os.path.join(RESULTS, f"{prefix}.md"), "w") as f:
@@ -353,6 +409,9 @@ def main(argv=None):
                 continue
             label, extra = allm[name]
             argv_m = common + extra
+            if "--subnet-sync" in extra:  # per-step SDP has no outer optimizer: drop its flags
+                argv_m = [x for i, x in enumerate(argv_m)
+                          if x not in OUTER_FLAGS and (i == 0 or argv_m[i - 1] not in OUTER_FLAGS)]
             spec = {"name": name, "argv": argv_m, "iters": a.iters, "eval_interval": a.eval_interval,
                     "progress": os.path.join(out_dir, f"{name}.partial.json")}
             ts = time.time()
