@@ -310,7 +310,8 @@ class SubnetSync:
         mine = tuple(self._members)
         world = dist.get_world_size()
         gathered: List[Optional[tuple]] = [None] * world
-        dist.all_gather_object(gathered, (mine, [tuple(sorted(s)) for s in self._grad if 1 < len(s) < self.num_replicas]))
+        proper = [tuple(sorted(s)) for s in self._grad if 1 < len(s) < self.num_replicas]
+        dist.all_gather_object(gathered, (mine, proper))
         positions = sorted({g[0] for g in gathered})
         all_sets = sorted({s for g in gathered for s in g[1]}, key=lambda s: (len(s), s))
         out = {}

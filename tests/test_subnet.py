@@ -261,13 +261,16 @@ def _e2e_worker(rank, world_size, argv):
     ["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-sync", "step"],
     ["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-masking", "forward", "--subnet-sync", "step"],
     ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2", "--subnet-sync", "step"],
-], ids=["blocks-backward", "blocks-forward", "neurons-forward"])
+    # 4 ranks = 2 replicas x inner-DP 2: the holder groups are built per inner-DP position
+    ["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-sync", "step", "--diloco-replicas", "2"],
+], ids=["blocks-backward", "blocks-forward", "neurons-forward", "blocks-backward-innerdp2"])
 def test_sdp_per_step_training_keeps_replicas_identical(extra):
     argv = ["--mock-data", "--vocab-size", "128", "--num-layers", "4", "--hidden-size", "64",
             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "4", "--train-iters", "6",
             "--eval-iters", "1", "--log-interval", "3", "--lr", "1e-3", "--lr-warmup-iters", "1"] + extra
-    res = run_ranks(2, "tests.test_subnet:_e2e_worker", {"argv": argv})
-    assert all(r["identical"] for r in res)  # every step ends with the same model on every replica
+    res = run_ranks(4 if "--diloco-replicas" in extra else 2, "tests.test_subnet:_e2e_worker", {"argv": argv})
+    # The same model on every rank at the end (forward masking: refreshed before the final evaluation).
+    assert all(r["identical"] for r in res)
     losses = res[-1]["losses"]
     assert len(losses) == 6 and losses[-1] < losses[0]
 
