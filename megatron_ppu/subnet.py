@@ -108,12 +108,18 @@ def block_assignment(num_replicas: int, num_layers: int, coverage: float, seed: 
     return [sorted(perm[(k * b + j) % L] for j in range(b)) for k in range(K)]
 
 
-def holders_per_block(assignment: Sequence[Sequence[int]], num_layers: int) -> List[int]:
-    counts = [0] * num_layers
-    for blocks in assignment:
+def block_holder_sets(assignment: Sequence[Sequence[int]], num_layers: int) -> List[FrozenSet[int]]:
+    """For every block (global layer index), the set of replicas that hold it."""
+    sets: List[set] = [set() for _ in range(num_layers)]
+    for k, blocks in enumerate(assignment):
         for i in blocks:
-            counts[i] += 1
-    return counts
+            sets[i].add(k)
+    return [frozenset(x) for x in sets]
+
+
+def holders_per_block(assignment: Sequence[Sequence[int]], num_layers: int) -> List[int]:
+    """For every block, the number of replicas that hold it."""
+    return [len(s) for s in block_holder_sets(assignment, num_layers)]
 
 
 def _install_skip(layer: torch.nn.Module) -> None:
@@ -149,27 +155,21 @@ def apply_block_plan(model: torch.nn.Module, held: Sequence[int], masking: str) 
 
 
 def block_holders_fn(assignment: Sequence[Sequence[int]], num_layers: int, num_replicas: int,
-                     layer_offset: int = 0) -> Callable[[str], int]:
-    """``owners(name)`` for :func:`megatron_ppu.ownership.build_ownership_plan`: the number of
-    replicas holding a parameter (its block's holders, or K outside the blocks)."""
-    counts = holders_per_block(assignment, num_layers)
+                     layer_offset: int = 0) -> Callable[[str], FrozenSet[int]]:
+    """``holders(name)``: the replicas holding a parameter of this pipeline stage (named as in
+    its ``state_dict``): its block's holders, or all K outside the blocks. ``layer_offset`` is
+    the global index of the stage's first layer. ``len(holders(name))`` is the ``owners_fn`` of
+    :func:`megatron_ppu.ownership.build_ownership_plan`."""
+    sets = block_holder_sets(assignment, num_layers)
+    everyone = frozenset(range(num_replicas))
 
-    def owners(name: str) -> int:
+    def holders(name: str) -> FrozenSet[int]:
         if "decoder.layers." in name:
             local = int(name.split("decoder.layers.")[1].split(".")[0])
-            return counts[layer_offset + local]
-        return num_replicas
+            return sets[layer_offset + local]
+        return everyone
 
-    return owners
-
-
-def block_holder_sets(assignment: Sequence[Sequence[int]], num_layers: int) -> List[FrozenSet[int]]:
-    """For every block (global layer index), the set of replicas that hold it."""
-    sets: List[set] = [set() for _ in range(num_layers)]
-    for k, blocks in enumerate(assignment):
-        for i in blocks:
-            sets[i].add(k)
-    return [frozenset(x) for x in sets]
+    return holders
 
 
 @dataclass
@@ -212,8 +212,8 @@ class SubnetSync:
 
     * a parameter outside the transformer blocks (embeddings, final norm, output layer) is
       held by all K replicas;
-    * a parameter of block i is held by ``block_holders[i]`` (the ``blocks`` plan), or by all K
-      (the ``ppu``/``neurons`` plans);
+    * a parameter of a block is held by ``holders_fn(name)`` (the ``blocks`` plan, see
+      :func:`block_holders_fn`), or by all K (the ``ppu``/``neurons`` plans);
     * a sliced weight (``ppu``/``neurons``): slice n is held by the K/N replicas
       ``{k : k mod N = n}``. Replica k stores its slice in the trainable tensor and the other
       N-1 slices in the frozen tensor (:class:`megatron_ppu.ownership.SliceLayout`).
@@ -246,7 +246,7 @@ class SubnetSync:
     """
 
     def __init__(self, model: torch.nn.Module, plan, layout, *,
-                 block_holders: Optional[Sequence[FrozenSet[int]]] = None, layer_offset: int = 0,
+                 holders_fn: Optional[Callable[[str], FrozenSet[int]]] = None,
                  lazy: bool = False, group_backend: Optional[str] = None):
         K = layout.num_replicas
         me = layout.replica_index
@@ -267,10 +267,7 @@ class SubnetSync:
                 self._add_sliced(module, split, N, me, K)
                 continue
             p = getattr(module, attr)
-            holders = everyone
-            if block_holders is not None and "decoder.layers." in name:
-                local = int(name.split("decoder.layers.")[1].split(".")[0])
-                holders = block_holders[layer_offset + local]
+            holders = holders_fn(name) if holders_fn is not None else everyone
             assert (me in holders) == p.requires_grad, f"{name}: holder set {set(holders)} vs requires_grad"
             assert len(holders) == own.owners, (name, holders, own.owners)
             if me in holders:

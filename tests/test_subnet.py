@@ -62,7 +62,7 @@ def _sdp_sync_worker(rank, world_size, plan_name):
     from megatron_ppu.optimizer import wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
-    from megatron_ppu.subnet import SubnetSync, apply_block_plan, block_holder_sets, block_holders_fn
+    from megatron_ppu.subnet import SubnetSync, apply_block_plan, block_holders_fn
     from tests import gpt_utils as G
 
     G.init_parallel()
@@ -82,8 +82,8 @@ def _sdp_sync_worker(rank, world_size, plan_name):
     if blocks:
         assignment = block_assignment(K, L, 0.5, seed=3)
         apply_block_plan(model, assignment[k], masking)
-        holders = block_holder_sets(assignment, L)
-    plan = build_ownership_plan(model, K, N, k, block_holders_fn(assignment, L, K) if blocks else None)
+        holders = block_holders_fn(assignment, L, K)
+    plan = build_ownership_plan(model, K, N, k, (lambda n: len(holders(n))) if blocks else None)
     ddp = wrap_model_ddp(model, layout)
     w0 = {n: v.detach().clone() for n, v in model.state_dict().items() if n in plan.params}
     G.forward_backward(ddp, cfg, G.batch(seed=50 + rank))
@@ -92,7 +92,7 @@ def _sdp_sync_worker(rank, world_size, plan_name):
     everyone = [None] * K
     dist.all_gather_object(everyone, (grads, masks))
 
-    sync = SubnetSync(model, plan, layout, block_holders=holders, lazy=masking == "forward")
+    sync = SubnetSync(model, plan, layout, holders_fn=holders, lazy=masking == "forward")
     sent = sync.sync_gradients()
     norm = sync.grad_norm()
     # The clipping norm is the norm of the whole synchronised gradient, each element counted once.

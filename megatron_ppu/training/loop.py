@@ -141,7 +141,7 @@ class Trainer:
         )
         if torch.cuda.is_available():
             self.model.cuda()
-        owners_fn = None
+        holders_fn = None  # parameter name -> the replicas holding it (blocks plan)
         if self.subnet.plan == "blocks":
             from ..subnet import apply_block_plan, block_assignment, block_holders_fn
 
@@ -149,9 +149,9 @@ class Trainer:
             self.held_blocks = assignment[self.layout.replica_index]
             apply_block_plan(self.model, self.held_blocks, self.subnet.masking)
             offset = ps.get_pipeline_model_parallel_rank() * (m.num_layers // pp)
-            owners_fn = block_holders_fn(assignment, m.num_layers, replicas, offset)
+            holders_fn = block_holders_fn(assignment, m.num_layers, replicas, offset)
         self.plan = build_ownership_plan(self.model, replicas, self.ppu.num_slices, self.layout.replica_index,
-                                         owners_fn)
+                                         (lambda name: len(holders_fn(name))) if holders_fn else None)
         wrapped = Float16Module(self.config, self.model) if dtype != torch.float32 else self.model
         self.ddp = wrap_model_ddp(wrapped, self.layout, use_distributed_optimizer=par.use_distributed_optimizer)
         opt_cfg = OptimizerConfig(
@@ -169,13 +169,10 @@ class Trainer:
             # SDP: every step, gradients averaged over each parameter's holders (sub-group
             # all-reduces), then the holders' new values copied to the non-holders (at once with
             # backward masking, before evaluation/saving with forward masking).
-            from ..subnet import SubnetSync, block_holder_sets
+            from ..subnet import SubnetSync
 
-            self.grad_sync = SubnetSync(
-                self.model, self.plan, self.layout,
-                block_holders=block_holder_sets(assignment, m.num_layers) if self.subnet.plan == "blocks" else None,
-                layer_offset=ps.get_pipeline_model_parallel_rank() * (m.num_layers // pp),
-                lazy=self.subnet.masking == "forward")
+            self.grad_sync = SubnetSync(self.model, self.plan, self.layout, holders_fn=holders_fn,
+                                        lazy=self.subnet.masking == "forward")
             # Holders must apply identical updates: clip by the norm of the whole synchronised
             # gradient, not by each replica's own subnetwork's norm.
             from megatron.core.optimizer import ChainedOptimizer
