@@ -75,10 +75,7 @@ def methods(local_steps: int, fragments: int):
     the Streaming DiLoCo outer loop of the streaming methods (compare with PPU 1/2 MLPs)."""
     h = ["--diloco-local-steps", str(local_steps)]
     s = h + ["--diloco-streaming-fragments", str(fragments)]
-    step = ["--subnet-sync", "step"]
-    blocks = ["--subnet-plan", "blocks", "--subnet-coverage", "0.5"]
-    fwd = ["--subnet-masking", "forward"]
-    neurons = ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2"]
+    step, blocks, fwd, neurons = C.SDP_STEP, C.SDP_BLOCKS_HALF, C.SDP_FORWARD, C.SDP_NEURONS_HALF
     return {
         "ddp": ("DDP", ["--diloco-local-steps", "0"]),
         "diloco": ("DiLoCo", h),
@@ -93,23 +90,8 @@ def methods(local_steps: int, fragments: int):
     }
 
 
-# Refused with --subnet-sync step (no outer optimizer); MODEL sets the first two.
-OUTER_FLAGS = ("--diloco-local-steps", "--diloco-outer-lr", "--diloco-outer-momentum",
-               "--diloco-streaming-fragments", "--diloco-allreduce-dtype")
+# The SDP flags of a method (dropped to get its dense reference run).
 SDP_FLAGS = ("--subnet-plan", "--subnet-coverage", "--subnet-masking", "--subnet-sync", "--ppu-slices")
-
-
-def _drop_flags(argv, names):
-    """``argv`` without the flags ``names`` (each followed by one value)."""
-    out, skip = [], False
-    for x in argv:
-        if skip:
-            skip = False
-        elif x in names:
-            skip = True
-        else:
-            out.append(x)
-    return out
 
 
 def is_sdp(argv) -> bool:
@@ -124,22 +106,22 @@ def method_argv(model, train_iters: int, extra):
     """The trainer flags of one method; per-step SDP drops the outer-loop flags, which it refuses."""
     argv = model + ["--train-iters", str(train_iters)] + extra
     if is_step_sync(extra):
-        argv = _drop_flags(argv, OUTER_FLAGS)
+        argv = C.drop_flags(argv, C.OUTER_FLAGS)
     return argv
 
 
 def dense_reference_argv(argv):
     """The dense method an SDP method stands next to, for the cost model: the same model and
     outer loop without the subnet flags; per-step SDP's reference is DDP."""
-    ref = _drop_flags(argv, SDP_FLAGS)
+    ref = C.drop_flags(argv, SDP_FLAGS)
     if is_step_sync(argv):
-        ref = _drop_flags(ref, OUTER_FLAGS) + ["--diloco-local-steps", "0"]
+        ref = C.drop_flags(ref, C.OUTER_FLAGS) + ["--diloco-local-steps", "0"]
     return ref
 
 
 def ddp_reference_argv(argv):
     """The dense DDP run on the same model (the reference of the bytes-sent and FLOP ratios)."""
-    ref = _drop_flags(argv, OUTER_FLAGS + SDP_FLAGS)
+    ref = C.drop_flags(argv, C.OUTER_FLAGS + SDP_FLAGS)
     return [x for x in ref if x != "--ppu-slice-attention-heads"] + ["--diloco-local-steps", "0"]
 
 
@@ -172,13 +154,13 @@ def predict_sdp(argv, world: int, vocab_size: int, ranks: list) -> dict:
     if C.flag_value(argv, "--subnet-masking", "backward") == "forward":
         if C.flag_value(argv, "--subnet-plan") == "blocks":
             held = len(ranks[0]["held_blocks"])
-            flops_exp = C.predict(_drop_flags(dense_ddp, ("--num-layers",)) + ["--num-layers", str(held)],
+            flops_exp = C.predict(C.drop_flags(dense_ddp, ("--num-layers",)) + ["--num-layers", str(held)],
                                   world, vocab_size)["flops_gemm"]
             src = f"App. C.2 GEMM terms (common.predict), dense model with the {held} held layers"
         elif C.flag_value(argv, "--subnet-plan") == "neurons":
             n = C.flag_value(argv, "--ppu-slices", 1, int)
             ffn = C.flag_value(argv, "--ffn-hidden-size", None, int)
-            flops_exp = C.predict(_drop_flags(dense_ddp, ("--ffn-hidden-size",)) + ["--ffn-hidden-size", str(ffn // n)],
+            flops_exp = C.predict(C.drop_flags(dense_ddp, ("--ffn-hidden-size",)) + ["--ffn-hidden-size", str(ffn // n)],
                                   world, vocab_size)["flops_gemm"]
             src = f"App. C.2 GEMM terms (common.predict), dense model with FFN {ffn} / {n} = {ffn // n}"
     return {

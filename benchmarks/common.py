@@ -1,7 +1,7 @@
 """Shared helpers of the benchmark scripts (not part of the library).
 
 * :func:`launch_ranks`: start ``world_size`` fresh CPU ranks of a benchmark script
-  (``python SCRIPT --worker SPEC``) with the torch.distributed environment set, wait,
+  (``python SCRIPT --worker SPEC``, through :mod:`megatron_ppu.local_ranks`), wait,
   and return every rank's JSON result. A fresh process group per method keeps peak
   memory (``ru_maxrss``) meaningful per method.
 * :func:`build_trainer`: in a worker, parse Megatron flags, initialise gloo + the CPU
@@ -19,11 +19,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,74 +29,54 @@ if REPO not in sys.path:
 
 
 # ------------------------------------------------------------------ launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RankFailure(RuntimeError):
-    """A benchmark rank exited non-zero or timed out."""
-
-
 def launch_ranks(script: str, world_size: int, spec: dict, *, timeout: float = 1800.0,
                  log_dir: Optional[str] = None, threads_per_rank: int = 1) -> List[dict]:
     """Run ``python script --worker <spec.json> --out <dir>`` on ``world_size`` CPU ranks.
 
     Each rank writes ``rank<r>.json``; the list of those dicts is returned (rank order).
-    On failure the first failing rank's log tail is in the exception message.
+    On failure :class:`megatron_ppu.local_ranks.RankFailure` carries the failing rank's log.
     """
-    port = _free_port()
+    from megatron_ppu.local_ranks import run_local_ranks
+
     with tempfile.TemporaryDirectory(prefix="ppu-bench-") as out:
         spec_path = os.path.join(out, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        procs, logs = [], []
-        for rank in range(world_size):
-            path = os.path.join(log_dir or out, f"{spec.get('name', 'run')}.rank{rank}.log")
-            log = open(path, "w+")
-            env = dict(os.environ)
-            env.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                        "OMP_NUM_THREADS": str(threads_per_rank), "MKL_NUM_THREADS": str(threads_per_rank),
-                        "PYTHONWARNINGS": "ignore",
-                        "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", "")})
-            cmd = [sys.executable, script, "--worker", spec_path, "--out", out]
-            procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-            logs.append(log)
-        deadline = time.monotonic() + timeout
-        timed_out = False
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                timed_out = True
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            if any(p.poll() not in (None, 0) for p in procs):
-                time.sleep(5.0)  # let the others print their error, then stop them
-                for p in procs:
-                    if p.poll() is None:
-                        p.kill()
-                break
-            time.sleep(0.2)
-        for p in procs:
-            p.wait()
-        texts = []
-        for log in logs:
-            log.seek(0)
-            texts.append(log.read())
-            log.close()
-        failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-        if timed_out or failed:
-            first = failed[0] if failed else 0
-            raise RankFailure(f"{spec.get('name')}: " + ("timed out" if timed_out else f"ranks {failed} failed")
-                              + f"\n--- rank {first} ---\n" + texts[first][-6000:])
+        name = spec.get("name", "run")
+        logs = [os.path.join(log_dir or out, f"{name}.rank{r}.log") for r in range(world_size)]
+        run_local_ranks([sys.executable, script, "--worker", spec_path, "--out", out], world_size, logs, cwd=REPO,
+                        timeout=timeout, threads_per_rank=threads_per_rank, label=name,
+                        env={"PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")})
         results = []
         for r in range(world_size):
             with open(os.path.join(out, f"rank{r}.json")) as f:
                 results.append(json.load(f))
         return results
+
+
+# ------------------------------------------------------------------ method flags
+# SDP (subnetwork data parallelism) building blocks of the benchmarks' method tables: every
+# replica holds half the model (half the blocks, or half the MLP hidden units).
+SDP_STEP = ["--subnet-sync", "step"]
+SDP_BLOCKS_HALF = ["--subnet-plan", "blocks", "--subnet-coverage", "0.5"]
+SDP_FORWARD = ["--subnet-masking", "forward"]
+SDP_NEURONS_HALF = ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2"]
+# Flags of the DiLoCo outer loop: per-step SDP (--subnet-sync step) refuses them when given.
+OUTER_FLAGS = ("--diloco-local-steps", "--diloco-outer-lr", "--diloco-outer-momentum",
+               "--diloco-streaming-fragments", "--diloco-allreduce-dtype")
+
+
+def drop_flags(argv: List[str], names) -> List[str]:
+    """``argv`` without the flags ``names`` (each followed by one value)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in names:
+            skip = True
+        else:
+            out.append(x)
+    return out
 
 
 def worker_main(run_fn) -> None:

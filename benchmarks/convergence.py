@@ -66,8 +66,6 @@ RUN_ORDER = ["ddp", "streaming_diloco", "ppu_mlp4", "ppu_mlp2", "ppu_mlp4_heads4
 PAPER_METHODS = METHOD_ORDER[:8]
 SDP_METHODS = METHOD_ORDER[8:]
 SDP_TABLE = ["ddp", "streaming_diloco", "ppu_mlp2"] + SDP_METHODS  # SDP next to its references
-# Flags of the outer optimizer, which per-step SDP (no outer loop) refuses.
-OUTER_FLAGS = ("--diloco-outer-lr", "--diloco-outer-momentum")
 
 
 def model_flags(a) -> list:
@@ -87,10 +85,7 @@ def methods(a) -> dict:
     """name -> (label, extra flags). PPU and the controls run on Streaming DiLoCo, as in the paper."""
     h = ["--diloco-local-steps", str(a.local_steps)]
     s = h + ["--diloco-streaming-fragments", str(a.fragments)]
-    step = ["--subnet-sync", "step"]
-    blocks = ["--subnet-plan", "blocks", "--subnet-coverage", "0.5"]
-    fwd = ["--subnet-masking", "forward"]
-    neurons = ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2"]
+    step, blocks, fwd, neurons = C.SDP_STEP, C.SDP_BLOCKS_HALF, C.SDP_FORWARD, C.SDP_NEURONS_HALF
     return {
         "ddp": ("DDP", ["--diloco-local-steps", "0"]),
         "diloco": ("DiLoCo", h),
@@ -410,8 +405,7 @@ def main(argv=None):
             label, extra = allm[name]
             argv_m = common + extra
             if "--subnet-sync" in extra:  # per-step SDP has no outer optimizer: drop its flags
-                argv_m = [x for i, x in enumerate(argv_m)
-                          if x not in OUTER_FLAGS and (i == 0 or argv_m[i - 1] not in OUTER_FLAGS)]
+                argv_m = C.drop_flags(argv_m, C.OUTER_FLAGS)
             spec = {"name": name, "argv": argv_m, "iters": a.iters, "eval_interval": a.eval_interval,
                     "progress": os.path.join(out_dir, f"{name}.partial.json")}
             ts = time.time()
