@@ -276,9 +276,13 @@ def test_sdp_per_step_training_keeps_replicas_identical(extra):
 
 
 @pytest.mark.timeout(60)
-def test_outer_flags_are_refused_with_per_step_sync():
+@pytest.mark.parametrize("extra,needle", [
+    (["--diloco-outer-lr", "0.4"], "--diloco-outer-lr would be ignored"),
+    (["--diloco-allreduce-dtype", "bf16"], "--diloco-allreduce-dtype would be ignored"),
+    (["--fp16"], "does not support --fp16"),
+])
+def test_outer_flags_are_refused_with_per_step_sync(extra, needle):
     from megatron_ppu.training.arguments import parse_args
 
-    with pytest.raises(ValueError, match="--diloco-outer-lr would be ignored"):
-        parse_args(["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-sync", "step",
-                    "--diloco-outer-lr", "0.4"])
+    with pytest.raises(ValueError, match=needle):
+        parse_args(["--subnet-plan", "blocks", "--subnet-coverage", "0.5", "--subnet-sync", "step"] + extra)
