@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.harness import REPO, run_ranks
+from tests.harness import REPO, RankFailure, run_ranks
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
          "--micro-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2", "--eval-iters", "2",
@@ -179,7 +179,7 @@ def test_mismatched_checkpoint_is_refused_and_nothing_written(tiny_data, tmp_pat
     common = MODEL + data_flags(tiny_data) + ["--train-iters", "2", "--diloco-local-steps", "2"]
     run_ranks(2, "tests.test_training:_train_worker", {"runs": [common + ["--ppu-slices", "2", "--save", ck]]})
     before = sorted(os.listdir(ck))
-    with pytest.raises(AssertionError) as e:
+    with pytest.raises(RankFailure) as e:
         run_ranks(2, "tests.test_training:_train_worker", {"runs": [common + ["--ppu-slices", "1", "--load", ck,
                                                                               "--save", ck]]})
     assert "CheckpointError" in str(e.value) and "num_slices" in str(e.value) and "--finetune" in str(e.value)
