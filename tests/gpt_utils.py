@@ -1,6 +1,7 @@
 """Helpers for tests that build small real Megatron GPT models (run inside harness ranks)."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -15,6 +16,8 @@ from megatron_ppu.spec import get_gpt_layer_ppu_spec
 
 VOCAB = 128
 SEQ = 16
+# PPU_TEST_DEVICE=cuda (scripts/gpu_check.sh) builds the models and batches on the GPU.
+DEVICE = torch.device("cuda") if os.environ.get("PPU_TEST_DEVICE") == "cuda" else torch.device("cpu")
 
 
 def init_parallel(tp: int = 1, pp: int = 1) -> None:
@@ -33,7 +36,7 @@ def make_config(*, swiglu: bool = False, gqa: bool = False, tp: int = 1, pp: int
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, ffn_hidden_size=ffn,
         num_query_groups=4 if gqa else None, gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu, add_bias_linear=bias,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=DEVICE.type == "cpu",
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=sp,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
         params_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
@@ -50,7 +53,7 @@ def build_gpt(config: TransformerConfig, ppu: Optional[PPUConfig] = None, slice_
     return GPTModel(
         config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-    )
+    ).to(DEVICE)
 
 
 def batch(micro_batch: int = 2, seed: int = 0, num_micro_batches: int = 1):
@@ -63,6 +66,7 @@ def batch(micro_batch: int = 2, seed: int = 0, num_micro_batches: int = 1):
             "position_ids": torch.arange(SEQ).expand(micro_batch, SEQ),
             "loss_mask": torch.ones(micro_batch, SEQ),
         })
+        out[-1] = {k: v.to(DEVICE) for k, v in out[-1].items()}
     return out
 
 

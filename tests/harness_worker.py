@@ -14,10 +14,13 @@ def main() -> int:
     target, kwargs, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
+        if torch.cuda.is_available():  # scripts/gpu_check.sh: ranks share the GPU(s); gloo serves CUDA tensors
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-        from megatron_ppu.patches import apply_cpu_patches
+        if not torch.cuda.is_available():
+            from megatron_ppu.patches import apply_cpu_patches
 
-        apply_cpu_patches()
+            apply_cpu_patches()
         mod_name, fn_name = target.split(":")
         fn = getattr(importlib.import_module(mod_name), fn_name)
         result = fn(rank=rank, world_size=world, **kwargs)
