@@ -24,6 +24,13 @@ setup(
         "einops",
         "packaging",
         "sentencepiece",
+        # megatron.core.tokenizers' libraries: HuggingFace (HuggingFaceTokenizer and
+        # GPT2BPETokenizer go through transformers' AutoTokenizer, backed by `tokenizers`) and
+        # tiktoken (TikTokenizer). megatron-core imports them only when present, so they are
+        # declared here.
+        "tokenizers>=0.23,<0.24",
+        "transformers>=5,<6",
+        "tiktoken",
         "nltk",
         # Offline English Punkt parameters for --split-sentences (NLTK >= 3.9 cannot load the
         # old pickled punkt models and nothing may be downloaded at run time).

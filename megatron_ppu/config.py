@@ -115,7 +115,7 @@ class DiLoCoConfig:
         local_steps: H, inner steps between two syncs of a fragment. ``0`` turns the
             outer loop off: plain synchronous data parallel over all DP ranks (the
             DDP baseline).
-        outer_lr: outer learning rate (paper: 0.4 for the 1.3B model; DiLoCo: 0.7).
+        outer_lr: outer learning rate (default: the PPU paper's 0.4, Streaming DiLoCo's setup; DiLoCo used 0.7).
         outer_momentum: Nesterov momentum of the outer SGD (paper: 0.9).
         nesterov: Nesterov (True, as in the paper) or heavy-ball momentum.
         num_replicas: K, the number of replicas (DP ranks are split into K groups).
@@ -129,7 +129,7 @@ class DiLoCoConfig:
     """
 
     local_steps: int = 100
-    outer_lr: float = 0.7
+    outer_lr: float = 0.4
     outer_momentum: float = 0.9
     nesterov: bool = True
     num_replicas: int = 1

@@ -3,9 +3,17 @@ partial synchronisation.
 
 Per fragment f (all parameters when F = 1), on every rank:
 
-* ``prepare``: Δ_k = θ_k − θ(t) over the fragment, in Megatron's full layout.
-  The frozen part of a sliced weight never changes between syncs, so Δ_k is
-  exactly 0 there; the owned part carries this replica's progress.
+* ``prepare``: Δ_k = θ_k − θ(t) over the fragment, in Megatron's full layout, **on the
+  owned set of replica k only** (its slice of every sliced weight, every unsliced
+  parameter it trains; see :class:`megatron_ppu.ownership.OwnershipPlan`), read from
+  the inner optimizer's fp32 values (its master weights under bf16/fp16); exactly 0
+  everywhere else. One rule for every plan: the frozen part of a sliced weight and a
+  block the replica does not hold (SDP blocks plan) contribute 0, not the rounding
+  error of their bf16/fp16 storage (they have no fp32 master: the model stores θ(t)
+  rounded to its dtype, while the snapshot keeps θ(t) in fp32).
+  With Megatron's distributed optimizer each inner-DP rank holds the fp32 master of
+  only its shard; it fills Δ_k on that shard, and the inner-DP ranks' contributions
+  (disjoint) are summed inside the replica (fast links) before the outer all-reduce.
 * ``perform``: one all-reduce (SUM) of the flattened Δ_k over the *replica group*
   only (ranks holding the same TP/PP shard in every replica; never across TP or
   PP), then elementwise division by the count vector m (K/N for a sliced
@@ -14,25 +22,51 @@ Per fragment f (all parameters when F = 1), on every rank:
   ``torch.optim.SGD(lr, momentum, nesterov)`` whose parameters *are* the host
   snapshot θ(t); after its step the snapshot holds θ(t+1), which is written back
   into the model (frozen slices included) and into the inner optimizer's fp32
-  master weights. Every replica then holds the same θ(t+1).
+  master weights (the distributed optimizer's shard masters: each rank writes its
+  shard, so no master is ever rebuilt from the rounded model weights). Every replica
+  then holds the same θ(t+1).
 
 If the reduced Δ is not finite on any rank, every rank skips the outer step for
 that fragment, restores θ(t), and logs it (the decision is all-reduced, so all
-replicas and all TP/PP shards agree).
+replicas and all TP/PP shards agree). The inner optimizer's moments on the replica
+that produced the non-finite values are non-finite too (bf16 has no overflow check),
+so restoring the parameters alone would make every later round non-finite again.
+Therefore, at a skip, every rank also (1) returns every *other* fragment whose local
+values are non-finite to its last synchronised θ (only on that rank: healthy ranks
+keep their progress) and (2) resets every inner-optimizer state entry that holds a
+non-finite value (Adam's moments and step count) to that of a fresh optimizer; state
+entries that are finite are kept. Keeping a copy of the state at θ(t) to restore
+instead would double the optimizer memory; a fresh Adam state costs nothing and only
+the poisoned parameters restart their moments.
 
 Schedule: fragment f syncs after inner step s (s = 1, 2, ...) when
 ``s mod H == offset_f`` with ``offset_f = ((f + 1) * H // F) mod H``; so with F = 1
 everything syncs at s = H, 2H, ...; with F > 1 the F syncs of a round are spread
 evenly over its H steps and each fragment's round is H steps long (its first
 one may be shorter).
+
+End of training (:meth:`DiLoCo.finish`): every fragment with inner steps since its
+last sync (a partial round: ``--train-iters`` not a multiple of H, or with F > 1
+the fragments that are mid-round) gets one final sync, a normal sync of a shorter
+round: the same count-normalised Δ and the same Nesterov outer step with the same
+momentum buffer. Afterwards every replica holds the one global model, which is what
+the final evaluation scores and the final checkpoint stores (Megatron-format weights
+that ``--finetune`` and Megatron-LM read). The trainer calls it after the last
+iteration and before an ``--exit-interval`` exit without ``--save`` (nothing can
+resume that run, so it ends there). An ``--exit-interval`` exit with ``--save``, and
+every mid-run checkpoint, keep the replicas' local state (mid-round progress, inner
+optimizer, snapshot and momentum) so that a resumed run reproduces the uninterrupted
+one exactly; a run that is stopped for good at such a checkpoint is finished by
+resuming it to its ``--train-iters``.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -111,27 +145,69 @@ def build_fragment_plan(param_names: Sequence[str], num_fragments: int, local_st
 # ----------------------------------------------------------- parameter access
 class _ParamHandle:
     """Reads/writes one full-layout parameter, whether the model stores it whole or
-    split into owned/frozen parts, and keeps the optimizer's fp32 master copy in step."""
+    split into owned/frozen parts, and keeps the optimizer's fp32 master copy in step.
 
-    def __init__(self, name: str, module: torch.nn.Module, attr: str, owners: int, masters: Dict[int, torch.Tensor]):
+    ``trained`` (per part) says whether this replica trains the part (from the ownership
+    plan): the owned part of a sliced weight, an unsliced parameter with a non-empty owned
+    set. Only trained parts have fp32 values in the inner optimizer: ``masters`` (whole
+    fp32 masters, Megatron's ``Float16OptimizerWithFloat16Params``) or ``shards``
+    (``(fp32 tensor, start, end)`` of this rank's range of the flattened part, Megatron's
+    ``DistributedOptimizer``; None where another inner-DP rank holds the part)."""
+
+    def __init__(self, name: str, module: torch.nn.Module, attr: str, ownership, masters: Dict[int, torch.Tensor],
+                 shards: Dict[int, tuple]):
         self.name = name
-        self.owners = owners
+        self.owners = ownership.owners
         splits = getattr(module, "ppu_splits", {})
         self.split = splits.get(attr)
         if self.split is not None:
+            assert tuple(ownership.owned) == tuple(self.split.layout.owned), (name, ownership.owned)
             self.parts = [self.split.owned_param(module), self.split.frozen_param(module)]
+            self.trained = [True, False]
         else:
             self.parts = [getattr(module, attr)]
+            self.trained = [bool(ownership.owned)]
+        for p, t in zip(self.parts, self.trained):
+            assert t == p.requires_grad, f"{name}: the ownership plan and requires_grad disagree"
         self.masters = [masters.get(id(p)) for p in self.parts]
+        self.shards = [shards.get(id(p)) for p in self.parts]
 
     def _value_parts(self):
         return [m if m is not None else p for p, m in zip(self.parts, self.masters)]
 
+    def _assemble(self, parts):
+        return self.split.layout.assemble(parts[0], parts[1], self.split.dim) if self.split else parts[0]
+
     def read(self) -> torch.Tensor:
-        """Current value (fp32, host) in full layout; from fp32 masters where they exist."""
-        vals = [v.detach().float() for v in self._value_parts()]
-        full = self.split.layout.assemble(vals[0], vals[1], self.split.dim) if self.split else vals[0]
-        return full.to("cpu", copy=True)
+        """Current value (fp32, host) in full layout; from fp32 masters (and this rank's
+        distributed-optimizer shards) where they exist, else from the model."""
+        vals = []
+        for v, sh in zip(self._value_parts(), self.shards):
+            v = v.detach().float().to("cpu", copy=True)
+            if sh is not None:
+                t, a, b = sh
+                v.view(-1)[a:b] = t.detach().float().cpu()
+            vals.append(v)
+        return self._assemble(vals)
+
+    def delta(self, snapshot: torch.Tensor, sharded: bool) -> torch.Tensor:
+        """This rank's contribution to Σ_k Δ_k (fp32, host, full layout): θ_k − θ(t) on the
+        parts this replica trains, from the inner optimizer's fp32 values; exactly 0 on the
+        parts it does not train. ``sharded`` (distributed optimizer): only this rank's shard
+        range is filled, 0 elsewhere; the inner-DP ranks' contributions sum to Δ_k."""
+        snaps = self.split.layout.split(snapshot, self.split.dim) if self.split else (snapshot,)
+        out = []
+        for p, m, sh, trained, s in zip(self.parts, self.masters, self.shards, self.trained, snaps):
+            d = torch.zeros_like(s)
+            if trained and sharded:
+                if sh is not None:
+                    t, a, b = sh
+                    d.view(-1)[a:b] = t.detach().float().cpu() - s.reshape(-1)[a:b]
+            elif trained:
+                v = m if m is not None else p
+                d = v.detach().float().cpu() - s
+            out.append(d)
+        return self._assemble(out)
 
     def write(self, full: torch.Tensor) -> None:
         if self.split is not None:
@@ -139,27 +215,77 @@ class _ParamHandle:
         else:
             values = (full,)
         with torch.no_grad():
-            for p, m, v in zip(self.parts, self.masters, values):
+            for p, m, sh, v in zip(self.parts, self.masters, self.shards, values):
                 p.copy_(v.to(p.device, p.dtype))
                 if m is not None:
                     m.copy_(v.to(m.device, m.dtype))
+                if sh is not None:
+                    t, a, b = sh
+                    t.copy_(v.reshape(-1)[a:b].to(t.device, t.dtype))
 
     @property
     def numel(self) -> int:
         return sum(p.numel() for p in self.parts)
 
 
+def _chained(optimizer):
+    return getattr(optimizer, "chained_optimizers", [optimizer]) if optimizer is not None else []
+
+
 def _master_map(optimizer) -> Dict[int, torch.Tensor]:
     """id(model param) -> fp32 master param, for Megatron's Float16OptimizerWithFloat16Params."""
     out: Dict[int, torch.Tensor] = {}
-    if optimizer is None:
-        return out
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _chained(optimizer):
         if hasattr(opt, "float16_groups") and hasattr(opt, "fp32_from_float16_groups"):
             for g16, g32 in zip(opt.float16_groups, opt.fp32_from_float16_groups):
                 for p16, p32 in zip(g16, g32):
                     out[id(p16)] = p32
     return out
+
+
+def _is_distributed(optimizer) -> bool:
+    """Whether the inner optimizer is Megatron's DistributedOptimizer (fp32 state sharded over
+    the inner-DP ranks)."""
+    return any(hasattr(opt, "shard_fp32_from_float16_groups") for opt in _chained(optimizer))
+
+
+def _shard_map(optimizer) -> Dict[int, tuple]:
+    """id(model param) -> (fp32 shard, start, end) for Megatron's DistributedOptimizer: this
+    rank's fp32 master of the range [start, end) of the flattened parameter (for an fp32
+    model parameter the shard is a view of the parameter itself). Parameters of which this
+    rank holds no range are absent."""
+    out: Dict[int, tuple] = {}
+    for opt in _chained(optimizer):
+        if not hasattr(opt, "shard_fp32_from_float16_groups"):
+            continue
+        pairs = list(zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups)) + \
+            list(zip(opt.model_fp32_groups, opt.shard_fp32_groups))
+        for models, shards in pairs:
+            for p, shard in zip(models, shards):
+                r = opt._get_model_param_range_map(p)["param"]
+                assert shard is not None and shard.numel() == r.end - r.start, p.shape
+                out[id(p)] = (shard, r.start, r.end)
+    return out
+
+
+def reset_nonfinite_optimizer_state(optimizer) -> int:
+    """Reset every per-parameter state entry of the inner optimizer that holds a non-finite
+    value to a fresh optimizer's (tensors zeroed, Adam's step count 0); returns how many
+    parameters' states were reset. Finite state entries are kept."""
+    reset = 0
+    for opt in _chained(optimizer):
+        inner = getattr(opt, "optimizer", opt)
+        for st in inner.state.values():
+            tensors = [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            if all(bool(torch.isfinite(v).all()) for v in tensors):
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+                elif k == "step":
+                    st[k] = 0
+            reset += 1
+    return reset
 
 
 # -------------------------------------------------------------- outer optimizer
@@ -190,6 +316,8 @@ class SyncReport:
     payload_bytes: int  # bytes this rank contributed to the all-reduce
     ring_bytes_sent: int  # bytes a ring all-reduce sends per rank: 2 (K-1)/K x payload
     skipped: bool = False
+    restored_fragments: List[int] = field(default_factory=list)  # at a skip: other fragments restored here
+    reset_states: int = 0  # at a skip: inner optimizer states reset on this rank
 
 
 @dataclass
@@ -238,15 +366,25 @@ class DiLoCo:
         if self.num_replicas != plan.num_replicas:
             raise ValueError(f"replica group has {self.num_replicas} ranks but the plan says K={plan.num_replicas}.")
         masters = _master_map(inner_optimizer)
+        self.sharded = _is_distributed(inner_optimizer)
+        shards = _shard_map(inner_optimizer) if self.sharded else {}
         modules = dict(model.named_modules())
         self.handles: Dict[str, _ParamHandle] = {}
         for name, own in plan.params.items():
             if own.owners == 0:
                 continue  # not trained by anyone: never changes
             mod_name, _, attr = name.rpartition(".")
-            self.handles[name] = _ParamHandle(name, modules[mod_name], attr, own.owners, masters)
+            h = _ParamHandle(name, modules[mod_name], attr, own, masters, shards)
+            for p, m, trained in zip(h.parts, h.masters, h.trained):
+                if trained and not self.sharded and m is None and p.dtype != torch.float32:
+                    raise ValueError(
+                        f"DiLoCo: {name} is trained in {p.dtype} but the inner optimizer holds no fp32 master "
+                        f"for it, so the outer step would round every sync; pass Megatron's optimizer "
+                        f"(built with bf16/fp16=True) as inner_optimizer.")
+            self.handles[name] = h
         self.fragments = build_fragment_plan(list(self.handles), config.streaming_fragments, config.local_steps)
         self.step = 0
+        self.last_sync = [0] * self.fragments.num_fragments  # inner step of each fragment's last sync
         self.outer: List[OuterOptimizer] = []
         pin = torch.cuda.is_available()
         for names in self.fragments.fragments:
@@ -264,20 +402,32 @@ class DiLoCo:
         self.step += 1
         return [self.sync(f) for f in self.fragments.due(self.step)]
 
+    def finish(self) -> List[SyncReport]:
+        """Final synchronisation at the end of training: one sync (a normal outer step of a
+        shorter round) of every fragment with inner steps since its last sync, so that every
+        replica holds the one global model. Collective over all ranks; returns the reports."""
+        return [self.sync(f) for f in range(self.fragments.num_fragments) if self.last_sync[f] < self.step]
+
     # -- one fragment -------------------------------------------------------------
     def prepare(self, f: int) -> List[torch.Tensor]:
-        """Δ_k = θ_k − θ(t) for fragment ``f`` (fp32, host, full layout)."""
+        """This rank's Δ_k = θ_k − θ(t) for fragment ``f`` (fp32, host, full layout) on its
+        replica's owned set, exactly 0 elsewhere (with the distributed optimizer: on this
+        rank's shard of it; see the module docstring)."""
         names = self.fragments.fragments[f]
-        return [self.handles[n].read() - snap.data for n, snap in zip(names, self.outer[f].snapshot)]
+        return [self.handles[n].delta(snap.data, self.sharded) for n, snap in zip(names, self.outer[f].snapshot)]
 
     def perform(self, f: int, deltas: List[torch.Tensor]) -> List[torch.Tensor]:
         """All-reduce Σ_k Δ_k over the replica group, then divide elementwise by m."""
         names = self.fragments.fragments[f]
         flat = torch.cat([d.reshape(-1) for d in deltas]).to(self._comm_dtype)
         self._last_payload = flat.numel() * flat.element_size()
+        dev = self.handles[names[0]].parts[0].device if names else torch.device("cpu")
+        buf = flat.to(dev)
+        if self.sharded and self.inner_group is not None:
+            # Distributed optimizer: each inner-DP rank filled only its shard (disjoint ranges);
+            # their sum inside the replica (fast links) is the replica's Δ_k, exactly (x + 0 = x).
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.inner_group)
         if self.num_replicas > 1:
-            dev = self.handles[names[0]].parts[0].device if names else torch.device("cpu")
-            buf = flat.to(dev)
             if self.inner_group is None:
                 dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.replica_group)
             else:
@@ -289,9 +439,7 @@ class DiLoCo:
                 gathered = [torch.empty_like(mine) for _ in range(parts)]
                 dist.all_gather(gathered, mine, group=self.inner_group)
                 buf = torch.cat(gathered)[:n]
-            flat = buf.to("cpu", torch.float32)
-        else:
-            flat = flat.float()
+        flat = buf.to("cpu", torch.float32)
         out, off = [], 0
         for n, d in zip(names, deltas):
             k = d.numel()
@@ -314,31 +462,73 @@ class DiLoCo:
         k = self.num_replicas
         report = SyncReport(step=self.step, fragment=f, payload_bytes=payload,
                             ring_bytes_sent=int(2 * (k - 1) / k * payload) if k > 1 else 0)
-        if self._all_finite(averaged):
+        finite = self._all_finite(averaged)
+        if finite:
             self.outer[f].step(averaged)
         else:
             report.skipped = True
             self.stats.skipped += 1
-            logger.warning("DiLoCo: non-finite outer delta in fragment %d at step %d; outer step skipped on "
-                           "all replicas, parameters restored to the last synchronised values", f, self.step)
         for n, snap in zip(names, self.outer[f].snapshot):
             self.handles[n].write(snap.data)
-        if self.inner_optimizer is not None and not _master_map(self.inner_optimizer):
-            # e.g. Megatron's distributed optimizer: refresh its main params from the model.
-            reload = getattr(self.inner_optimizer, "reload_model_params", None)
-            if reload is not None:
-                reload()
+        if not finite:
+            report.restored_fragments, report.reset_states = self._recover(f)
+            logger.warning("DiLoCo: non-finite outer delta in fragment %d at step %d; outer step skipped on all "
+                           "replicas, parameters restored to the last synchronised values; on this rank %d other "
+                           "non-finite fragment(s) restored and %d non-finite inner optimizer state(s) reset",
+                           f, self.step, len(report.restored_fragments), report.reset_states)
+        self.last_sync[f] = self.step
         self.stats.syncs += 1
         self.stats.payload_bytes += report.payload_bytes
         self.stats.ring_bytes_sent += report.ring_bytes_sent
         self.stats.last = report
         return report
 
+    def _recover(self, skipped: int):
+        """After a skipped sync (this rank only, no collective): return every other fragment whose
+        local values are non-finite to its snapshot, and reset the non-finite inner optimizer state
+        (see the module docstring). Returns (restored fragments, number of states reset)."""
+        restored = []
+        for g, names in enumerate(self.fragments.fragments):
+            if g == skipped:
+                continue
+            if not all(bool(torch.isfinite(self.handles[n].read()).all()) for n in names):
+                for n, snap in zip(names, self.outer[g].snapshot):
+                    self.handles[n].write(snap.data)
+                restored.append(g)
+        reset = reset_nonfinite_optimizer_state(self.inner_optimizer) if self.inner_optimizer is not None else 0
+        return restored, reset
+
+    # -- evaluation -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def global_weights(self) -> Iterator[None]:
+        """Within the block the model holds the global model: every fragment's latest
+        synchronised parameters θ(t) (its snapshot), the same on every replica, instead of
+        this replica's local weights (which are up to H steps past θ(t) mid-round). Only the
+        model's tensors are swapped (not the inner optimizer's fp32 masters), and the local
+        values are put back on exit, bit for bit. For evaluation (no gradients)."""
+        saved = []
+        with torch.no_grad():
+            for names, outer in zip(self.fragments.fragments, self.outer):
+                for n, snap in zip(names, outer.snapshot):
+                    h = self.handles[n]
+                    saved.append((h, [p.detach().clone() for p in h.parts]))
+                    values = h.split.layout.split(snap.data, h.split.dim) if h.split is not None else (snap.data,)
+                    for p, v in zip(h.parts, values):
+                        p.copy_(v.to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for h, parts in saved:
+                    for p, v in zip(h.parts, parts):
+                        p.copy_(v)
+
     # -- checkpointing --------------------------------------------------------------
     def state_dict(self) -> dict:
         """Snapshot θ(t), outer momentum, step counter and fragment schedule (host tensors)."""
         return {
             "step": self.step,
+            "last_sync": list(self.last_sync),
             "config": {k: getattr(self.config, k) for k in self.config.__dataclass_fields__},
             "fragments": [list(names) for names in self.fragments.fragments],
             "snapshots": [[p.data.clone() for p in o.snapshot] for o in self.outer],
@@ -355,6 +545,12 @@ class DiLoCo:
                 "--diloco-streaming-fragments; resume with the same model and fragment count."
             )
         self.step = int(state["step"])
+        if "last_sync" in state:
+            self.last_sync = [int(x) for x in state["last_sync"]]
+        else:  # older checkpoints: every sync happened on the schedule
+            H, plan = self.config.local_steps, self.fragments
+            last = [self.step - (self.step - plan.offset(f)) % H for f in range(plan.num_fragments)]
+            self.last_sync = [s if s >= 1 else 0 for s in last]
         for o, snaps, sgd_state in zip(self.outer, state["snapshots"], state["outer_optimizers"]):
             for p, s in zip(o.snapshot, snaps):
                 p.data.copy_(s)

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from .parallel import ReplicaLayout
 
@@ -45,7 +46,14 @@ def wrap_model_ddp(model: torch.nn.Module, layout: ReplicaLayout, *,
 
 def build_inner_optimizer(model_chunks: List[DistributedDataParallel], config: OptimizerConfig,
                           layout: ReplicaLayout):
-    """Megatron optimizer (Adam/AdamW as in ``config``) over the chunks' trainable parameters."""
+    """Megatron optimizer (Adam/AdamW as in ``config``) over the chunks' trainable parameters.
+
+    Every group it uses is the replica's own (``ReplicaLayout.process_group_collection``):
+    the distributed optimizer shards over the inner-DP group and reduces gradient norm,
+    zero count and overflow flag over the replica's ranks (``intra_dist_opt``), so one
+    replica's step never waits for, or depends on, another's. No gloo twin is needed:
+    every group serves host tensors too (:mod:`megatron_ppu.comm`).
+    """
     return get_megatron_optimizer(config, model_chunks, use_gloo_process_groups=False,
                                   pg_collection=layout.process_group_collection())
 
@@ -97,20 +105,38 @@ def predict_state_bytes(owned_elements: int, *, bf16: bool, grad_reduce_in_fp32:
 
 
 def build_param_scheduler(optimizer, *, lr: float, min_lr: float = 0.0, warmup_steps: int = 0,
-                          decay_steps: int = 1, decay_style: str = "constant", weight_decay: float = 0.0):
+                          decay_steps: int = 1, decay_style: str = "constant", weight_decay: float = 0.0,
+                          wsd_decay_steps: Optional[int] = None, wsd_decay_style: str = "exponential",
+                          init_lr: Optional[float] = None, use_checkpoint: bool = False, override: bool = False):
     """Megatron's ``OptimizerParamScheduler`` for the inner optimizer.
 
     Megatron applies per-group weight-decay multipliers (no decay on biases and
     1-D parameters) and the learning-rate schedule through this scheduler; an
     optimizer used without it decays every parameter. Its constructor already sets
     the groups' lr and weight decay for step 0; call ``.step(1)`` after each
-    optimizer step.
-    """
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    optimizer step. Steps are iterations (Megatron-LM counts samples, which gives the
+    same schedule).
 
+    ``decay_style="WSD"`` (warm-up, stable, decay) needs ``wsd_decay_steps``: the last
+    ``wsd_decay_steps`` of the ``decay_steps`` anneal from ``lr`` to ``min_lr`` in
+    ``wsd_decay_style`` ("exponential", "linear", "cosine" or "minus_sqrt"), Megatron-LM's
+    ``--lr-wsd-decay-iters`` and ``--lr-wsd-decay-style``. ``init_lr`` is the learning rate at
+    the start of the warm-up (``--lr-warmup-init``); ``use_checkpoint`` / ``override`` are
+    Megatron-LM's ``--use-checkpoint-opt_param-scheduler`` / ``--override-opt_param-scheduler``
+    (what ``load_state_dict`` does when the checkpoint's schedule differs from this one).
+
+    Raises:
+        ValueError: WSD without ``wsd_decay_steps`` (Megatron's scheduler would assert).
+    """
+    if decay_style == "WSD" and (wsd_decay_steps is None or wsd_decay_steps < 1):
+        raise ValueError("--lr-decay-style WSD needs --lr-wsd-decay-iters N >= 1 (the annealing iterations).")
+    if wsd_decay_style not in ("exponential", "linear", "cosine", "minus_sqrt"):
+        raise ValueError(f"--lr-wsd-decay-style {wsd_decay_style!r}: use exponential, linear, cosine or minus_sqrt.")
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if warmup_steps else lr, max_lr=lr, min_lr=min_lr,
+        optimizer, init_lr=init_lr if init_lr is not None else (0.0 if warmup_steps else lr), max_lr=lr, min_lr=min_lr,
         lr_warmup_steps=warmup_steps, lr_decay_steps=max(decay_steps, warmup_steps + 1),
         lr_decay_style=decay_style, start_wd=weight_decay, end_wd=weight_decay,
         wd_incr_steps=max(decay_steps, 1), wd_incr_style="constant",
+        wsd_decay_steps=wsd_decay_steps if decay_style == "WSD" else None, lr_wsd_decay_style=wsd_decay_style,
+        use_checkpoint_opt_param_scheduler=use_checkpoint, override_opt_param_scheduler=override,
     )

@@ -1,11 +1,23 @@
-"""ModuleSpecs that plug the partial linears into Megatron-Core's GPT layer."""
+"""ModuleSpecs that plug the partial linears into Megatron-Core's GPT layer.
+
+Norms: wherever Megatron's local spec falls back to its torch norm (``WrappedTorchNorm``:
+no apex/Transformer Engine, and RMSNorm always), these specs use
+:class:`megatron_ppu.norms.TorchNorm`, which also works under ``--sequence-parallel``.
+The final norm of the GPT model is not part of a layer spec (Megatron's
+``TransformerBlock`` picks it from the installed packages), so a model that may run
+with sequence parallelism is built from :func:`get_gpt_decoder_ppu_spec`.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Optional
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from .config import PPUConfig
 from .layers import (
@@ -14,6 +26,22 @@ from .layers import (
     PPUMLPRowParallelLinear,
     PPUQKVColumnParallelLinear,
 )
+from .norms import TorchNorm
+
+
+def _replace_torch_norms(spec: ModuleSpec) -> None:
+    """Swap Megatron's ``WrappedTorchNorm`` for :class:`TorchNorm` everywhere in ``spec``'s tree."""
+    sub = spec.submodules
+    if sub is None or not dataclasses.is_dataclass(sub):
+        return
+    for f in dataclasses.fields(sub):
+        value = getattr(sub, f.name)
+        if value is WrappedTorchNorm:
+            setattr(sub, f.name, TorchNorm)
+        elif isinstance(value, ModuleSpec):
+            if value.module is WrappedTorchNorm:
+                value.module = TorchNorm
+            _replace_torch_norms(value)
 
 
 class _BoundLinear:
@@ -41,9 +69,11 @@ def get_gpt_layer_ppu_spec(
 ) -> ModuleSpec:
     """Megatron's local GPT layer spec with the PPU partial linears for replica slice ``slice_index``.
 
-    With ``ppu.num_slices == 1`` this is Megatron's own local spec unchanged (plain
-    DiLoCo / DDP). ``linear_proj`` (W_O) is replaced only for the paper's negative
-    control ``ppu.slice_attention_output``.
+    With ``ppu.num_slices == 1`` this is Megatron's own local spec (plain DiLoCo / DDP),
+    except for its torch norms, which are :class:`~megatron_ppu.norms.TorchNorm` (the same
+    torch modules, plus sequence-parallel support). ``linear_proj`` (W_O) is replaced only
+    for the paper's negative control ``ppu.slice_attention_output``. For the whole decoder,
+    final norm included, use :func:`get_gpt_decoder_ppu_spec`.
 
     Args:
         ppu: the slicing configuration.
@@ -62,6 +92,7 @@ def get_gpt_layer_ppu_spec(
     if not 0 <= slice_index < n:
         raise ValueError(f"slice_index {slice_index} must be in [0, {n}).")
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+    _replace_torch_norms(spec)
     if n == 1:
         return spec
     params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}
@@ -75,3 +106,35 @@ def get_gpt_layer_ppu_spec(
     if ppu.slice_attention_output:
         attn.linear_proj = ModuleSpec(module=PPUAttentionOutputRowParallelLinear, params=dict(params))
     return spec
+
+
+def get_gpt_decoder_ppu_spec(
+    config: TransformerConfig,
+    ppu: PPUConfig,
+    slice_index: int,
+    *,
+    normalization: Optional[str] = None,
+    qk_layernorm: bool = False,
+    use_transformer_engine: bool = False,
+    vp_stage: Optional[int] = None,
+    pp_rank: Optional[int] = None,
+) -> TransformerBlockSubmodules:
+    """The decoder block of this pipeline stage for ``GPTModel(config, <this>, ...)``: the
+    layers of :func:`get_gpt_layer_ppu_spec` and a final norm of the same class as the
+    layers' norms (Megatron's ``get_gpt_decoder_block_spec`` does the same for its specs).
+
+    With a plain layer spec, Megatron's ``TransformerBlock`` builds the final norm itself
+    from whatever is installed (its torch norm without apex/TE), which refuses
+    ``config.sequence_parallel``; this spec works with and without sequence parallelism.
+
+    Args:
+        config: the model's ``TransformerConfig`` (layers per stage, normalisation).
+        ppu, slice_index, normalization, qk_layernorm, use_transformer_engine: as in
+            :func:`get_gpt_layer_ppu_spec`.
+        vp_stage, pp_rank: as in Megatron's ``get_num_layers_to_build`` (default: this rank).
+    """
+    layer = get_gpt_layer_ppu_spec(ppu, slice_index, normalization=normalization, qk_layernorm=qk_layernorm,
+                                   use_transformer_engine=use_transformer_engine)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
+                                      layer_norm=layer.submodules.input_layernorm)

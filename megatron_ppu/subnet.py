@@ -37,6 +37,10 @@ from typing import Callable, Dict, FrozenSet, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.transformer.module import param_is_not_shared
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +195,23 @@ class SyncStats:
         return self.grad_bytes_sent + self.refresh_bytes_sent
 
 
+def distributed_optimizer_shards(optimizer) -> Optional[Dict[int, tuple]]:
+    """For a Megatron optimizer (or ``ChainedOptimizer``) with distributed-optimizer parts:
+    ``id(param) -> (start, end)``, the range of the flattened model parameter in this rank's
+    shard, for every parameter the shard touches. ``None`` when no part is distributed."""
+    if optimizer is None:
+        return None
+    parts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
+    if not parts:
+        return None
+    shards = {}
+    for o in parts:
+        for p in o.model_param_gbuf_map:
+            r = o._get_model_param_range_map(p)["param"]
+            shards[id(p)] = (r.start, r.end)
+    return shards
+
+
 class _Piece:
     """A view of this rank's copy of one holder set's share of one parameter: either a
     whole tensor, or a range along ``dim`` of a tensor (one slice of a sliced weight)."""
@@ -230,6 +251,16 @@ class SubnetSync:
     :meth:`grad_norm` replaces the optimizer's clipping norm by the norm of the whole
     synchronised gradient, so that every replica clips by the same factor.
 
+    With Megatron's distributed optimizer (pass it as ``optimizer``) and inner-DP > 1, DDP only
+    reduce-scatters the gradient buffer over the replica's inner-DP ranks: each rank holds the
+    inner-DP mean of its own shard only (the rest of its buffer is its local, unreduced
+    gradient), and its optimizer reads only that shard. Then :meth:`sync_gradients` all-reduces
+    only the shard (1/inner-DP of the traffic over the slow links) and :meth:`grad_norm` sums
+    each rank's shard and all-reduces over the inner-DP group as well. This needs every holder of
+    a parameter to shard it the same way (true when the replicas' gradient buffers have the same
+    layout, as under the ``ppu``/``neurons`` plans and the ``blocks`` plan's equal-sized blocks);
+    the construction checks it and raises ``ValueError`` on every rank otherwise.
+
     :meth:`refresh` (after ``optimizer.step()``): the holders of S have identical values after
     identical updates (same synchronised gradient, same clipping factor, same Adam state);
     for every S that is not everybody, one broadcast over the replica group
@@ -247,7 +278,7 @@ class SubnetSync:
 
     def __init__(self, model: torch.nn.Module, plan, layout, *,
                  holders_fn: Optional[Callable[[str], FrozenSet[int]]] = None,
-                 lazy: bool = False, group_backend: Optional[str] = None):
+                 lazy: bool = False, group_backend: Optional[str] = None, optimizer=None):
         K = layout.num_replicas
         me = layout.replica_index
         everyone = frozenset(range(K))
@@ -280,6 +311,11 @@ class SubnetSync:
         self._members = [r for _, r in sorted(pairs)]
         assert [k for k, _ in sorted(pairs)] == list(range(K)), pairs
         self._groups = self._build_groups(group_backend)
+        # id(param) -> (start, end) of the flattened param in this rank's distributed-optimizer
+        # shard (a param absent from it is not in the shard); None: no distributed optimizer.
+        self._shards = distributed_optimizer_shards(optimizer)
+        if self._shards is not None:
+            self._check_shards_aligned()
 
     def _add_sliced(self, module, split, N: int, me: int, K: int) -> None:
         owned_p, frozen_p = split.owned_param(module), split.frozen_param(module)
@@ -314,7 +350,7 @@ class SubnetSync:
         out = {}
         for members in positions:
             for s in all_sets:
-                g = dist.new_group([members[k] for k in s], backend=backend)
+                g = dist.new_group([members[k] for k in s], backend=backend, timeout=self.layout.timeout)
                 if members == mine:
                     out[frozenset(s)] = g
         for s in self._grad:
@@ -327,6 +363,35 @@ class SubnetSync:
         g = getattr(p, "main_grad", None)
         return g if g is not None else p.grad
 
+    def _reduced_grad(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:
+        """The part of ``p``'s gradient that DDP reduced over the inner-DP group and this rank's
+        optimizer reads: all of it, or (distributed optimizer) a flat view of this rank's shard,
+        None when the shard holds none of ``p``."""
+        g = self._grad_of(p)
+        if self._shards is None:
+            return g
+        r = self._shards.get(id(p))
+        return None if r is None else g.view(-1)[r[0]:r[1]]
+
+    def _check_shards_aligned(self) -> None:
+        # The holders of a parameter all-reduce their shards of it elementwise: the shard must be
+        # the same range on every holder. Gathered over the world, so every rank reaches the
+        # same verdict (no rank waits in a collective that another rank has left).
+        mine = {tuple(sorted(s)): [(tuple(p.shape), self._shards.get(id(p))) for p in params]
+                for s, params in self._grad.items() if len(s) > 1}
+        gathered: List[Optional[tuple]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (tuple(self._members), mine))
+        for members, sets in gathered:
+            for s, sig in sets.items():
+                others = [g for m, g in gathered if m == members]
+                if any(g.get(s, sig) != sig for g in others):
+                    raise ValueError(
+                        "--use-distributed-optimizer with --subnet-sync step: the replicas holding a "
+                        "parameter shard their gradient buffers differently (their trainable sets are laid "
+                        "out differently), so their per-step all-reduce would mix reduced and "
+                        "unreduced gradients. Drop --use-distributed-optimizer, or use one data-parallel "
+                        "rank per replica (--diloco-replicas = data-parallel size).")
+
     def sync_gradients(self) -> float:
         """Replace every held gradient by the mean over its holders; returns bytes sent."""
         sent = 0.0
@@ -335,7 +400,9 @@ class SubnetSync:
             h = len(s)
             if not params or h == 1:
                 continue
-            grads = [self._grad_of(p) for p in params]
+            grads = [g for g in (self._reduced_grad(p) for p in params) if g is not None and g.numel()]
+            if not grads:  # the same on every holder (aligned shards): nobody calls the collective
+                continue
             flat = torch.cat([g.reshape(-1).float() for g in grads])
             dist.all_reduce(flat, group=self._groups[s])
             flat.div_(h)
@@ -353,23 +420,24 @@ class SubnetSync:
     def grad_norm(self) -> float:
         """L2 norm of the synchronised gradient of the whole model, every parameter counted once
         (weights 1/|S| summed over the replicas, then over TP/PP as Megatron does), so every
-        replica clips by the same factor and the holders of a parameter stay identical. Call
-        after :meth:`sync_gradients`; the trainer installs it as the optimizer's
+        replica clips by the same factor and the holders of a parameter stay identical. With the
+        distributed optimizer each rank counts its own shard and the sum runs over the inner-DP
+        group too. Call after :meth:`sync_gradients`; the trainer installs it as the optimizer's
         ``get_grad_norm``."""
-        from megatron.core import parallel_state as ps
-        from megatron.core import tensor_parallel
-        from megatron.core.transformer.module import param_is_not_shared
-
         sq, device = 0.0, None
         for s, params in self._grad.items():
             part = 0.0
             for p in params:
-                g = self._grad_of(p)
-                device = g.device
-                if param_is_not_shared(p) and tensor_parallel.param_is_not_tensor_parallel_duplicate(p):
-                    part = part + g.double().pow(2).sum()
+                g = self._reduced_grad(p)
+                device = self._grad_of(p).device
+                if g is None or not (param_is_not_shared(p)
+                                     and tensor_parallel.param_is_not_tensor_parallel_duplicate(p)):
+                    continue
+                part = part + g.double().pow(2).sum()
             sq = sq + part / len(s)
         total = torch.as_tensor(sq, dtype=torch.float64, device=device).reshape(1).clone()
+        if self._shards is not None and self.layout.inner_dp > 1:
+            dist.all_reduce(total, group=self.layout.inner_dp_group)
         dist.all_reduce(total, group=self.layout.replica_group)
         mp = ps.get_model_parallel_group()
         if dist.get_world_size(mp) > 1:

@@ -30,17 +30,15 @@ Call sites (megatron/core, 0.16.1):
   (``_get_all_rng_states``) read CUDA generators. :class:`CPURNGStatesTracker`
   keeps the named states of the CPU generator instead, so dropout and recompute
   stay reproducible.
-* ``WrappedTorchNorm`` refuses ``sequence_parallel`` ("not supported by torch
-  LayerNorm"). With sequence parallelism each TP rank normalises its own
-  sequence chunk, which the torch norms do correctly; what megatron needs is the
-  ``sequence_parallel`` attribute on the norm's parameters so that
-  ``finalize_model_grads`` all-reduces their gradients across TP. Without that
-  attribute training silently drifts.
+
+Not patched: ``WrappedTorchNorm`` refuses ``sequence_parallel`` on every device (CPU
+or CUDA). The project's specs use their own torch norms instead
+(:mod:`megatron_ppu.norms`, through :func:`megatron_ppu.spec.get_gpt_decoder_ppu_spec`),
+so ``--sequence-parallel`` works the same way with and without these patches.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 
 import torch
@@ -172,27 +170,6 @@ def _patch_rng() -> None:
     tp_random._set_cuda_rng_state = lambda new_state, *a, **k: torch.set_rng_state(new_state)
 
 
-def _patch_torch_norm_sequence_parallel() -> None:
-    from megatron.core.transformer import torch_norm
-
-    original_new = torch_norm.WrappedTorchNorm.__new__
-
-    def __new__(cls, config, *args, **kwargs):
-        if not config.sequence_parallel:
-            return original_new(cls, config, *args, **kwargs)
-        unsp = copy.copy(config)
-        object.__setattr__(unsp, "sequence_parallel", False)
-        norm = original_new(cls, unsp, *args, **kwargs)
-        for p in norm.parameters():
-            # finalize_model_grads all-reduces grads of params marked like this
-            # across the TP group (each rank saw only its sequence chunk).
-            p.sequence_parallel = True
-        return norm
-
-    __new__.__ppu_original__ = original_new
-    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
-
-
 def apply_cpu_patches() -> None:
     """Apply every CPU/gloo patch (idempotent).
 
@@ -209,6 +186,5 @@ def apply_cpu_patches() -> None:
     _patch_current_device()
     _patch_cuda_literals()
     _patch_rng()
-    _patch_torch_norm_sequence_parallel()
     _APPLIED = True
     logger.info("megatron-core %s patched for CPU/gloo execution", SUPPORTED_MEGATRON_CORE)

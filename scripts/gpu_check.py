@@ -17,6 +17,7 @@ Checks:
   classes        which optimizer / norm / attention classes and fused paths Megatron picked
   memory-*       peak torch.cuda.max_memory_allocated per rank, 4 ranks sharing the GPU (K = 4):
                  DiLoCo vs PPU 1/4 MLPs vs PPU 1/4 MLPs + 1/4 heads on a 1.3B-parameter GPT
+  tests-*        selected multi-rank CPU-suite tests with their ranks sharing the GPU, as time allows
 
 ``--print-commands`` prints the trainer argv of every run as JSON and exits (the CPU suite parses
 them with the trainer's own parser, so a flag typo is caught without a GPU).
@@ -206,13 +207,33 @@ def main() -> int:
             ratio = f", {mem / base:.3f} x DiLoCo" if base else ""
             c.row(name, "INFO", f"peak {mem / 2**30:.2f} GiB per rank{ratio} ({secs:.0f} s)", peak_bytes=mem)
 
+    # CPU-suite tests whose ranks share the GPU over gloo (models and collectives on CUDA), as the
+    # remaining budget allows: SP norms and SDP clipping, bf16 outer deltas and distributed-optimizer
+    # masters, the implemented Megatron flags (CUDA memory scalars, timers, per-token loss counts).
+    for name, target, sel in (
+            ("tests-review", "tests/test_review_fixes.py", "sequence_parallel or sdp"),
+            ("tests-outer", "tests/test_outer_correctness.py", "distributed_optimizer or nonowners"),
+            ("tests-flags", "tests/test_megatron_flags.py", "implemented_flags_set or per_token or two_iterations")):
+        if c.left() < 90:
+            c.row(name, "SKIP", "the 8-minute budget is spent")
+            continue
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "-k", sel],
+                               cwd=str(REPO), env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True,
+                               text=True, timeout=c.left() - 15)
+            tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+            c.row(name, p.returncode == 0, f"{tail[0]} ({time.monotonic() - t0:.0f} s)")
+        except subprocess.TimeoutExpired:
+            c.row(name, "SKIP", f"stopped at the budget ({time.monotonic() - t0:.0f} s)")
+
     path = os.path.join(out_dir, "gpu_check.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(c.rows, f, indent=1)
-    for name in os.listdir(logs):  # logs of failed runs come back with the results
-        if name.endswith(".log") and any(r["status"] == "FAIL" and name.startswith(r["check"].split("-")[0])
-                                         for r in c.rows):
-            shutil.copy(os.path.join(logs, name), out_dir)
+    failed_logs = [n for n in sorted(os.listdir(logs)) if n.endswith(".log") and any(
+        r["status"] == "FAIL" and n.startswith(r["check"].split("-")[0]) for r in c.rows)]
+    for name in failed_logs[:6]:  # logs of failed runs come back with the results ($OUT takes 8 files)
+        shutil.copy(os.path.join(logs, name), out_dir)
     print(f"results: {path}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0 if all(r["status"] != "FAIL" for r in c.rows) else 1

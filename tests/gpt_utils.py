@@ -7,12 +7,11 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.tensor_parallel import random as tp_random
 from megatron.core.transformer import TransformerConfig
 
 from megatron_ppu.config import PPUConfig
-from megatron_ppu.spec import get_gpt_layer_ppu_spec
+from megatron_ppu.spec import get_gpt_decoder_ppu_spec
 
 VOCAB = 128
 SEQ = 16
@@ -49,7 +48,9 @@ def build_gpt(config: TransformerConfig, ppu: Optional[PPUConfig] = None, slice_
     without PPU (the partial linears split Megatron's own initialised weight)."""
     torch.manual_seed(seed)
     tp_random.model_parallel_cuda_manual_seed(seed)
-    spec = get_gpt_layer_local_spec() if ppu is None else get_gpt_layer_ppu_spec(ppu, slice_index)
+    # Megatron's local spec (PPUConfig(1)) or the PPU one, as the decoder block: its torch norms
+    # (megatron_ppu.norms) take sequence parallelism without any patch.
+    spec = get_gpt_decoder_ppu_spec(config, ppu or PPUConfig(1), slice_index if ppu is not None else 0)
     return GPTModel(
         config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

@@ -91,9 +91,11 @@ def _ref_fragments(names, F):
     return [others] + [[n for n in names if n in layer and bounds[g] <= layer[n] < bounds[g + 1]] for g in range(groups)]
 
 
-def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed):
+def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed, final_sync=False):
     """K replicas simulated in one process with plain torch: masked AdamW inner steps,
-    count-normalised delta averaging, torch-semantics Nesterov outer SGD per fragment."""
+    count-normalised delta averaging, torch-semantics Nesterov outer SGD per fragment.
+    ``final_sync``: after the last step, every fragment with steps since its last sync gets one
+    more (shorter) round's outer step, as at the end of training."""
     from tests import gpt_utils as G
 
     model = G.build_gpt(cfg, None, seed=seed)
@@ -110,6 +112,7 @@ def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed):
     frags = _ref_fragments(names, F)
     snaps = [{n: theta0[n].clone() for n in fr} for fr in frags]
     bufs = [dict() for _ in frags]
+    last_sync = [0 for _ in frags]
     for s in range(1, steps + 1):
         for k, (params, opt) in enumerate(reps):
             with torch.no_grad():
@@ -128,8 +131,10 @@ def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed):
                     params[n].copy_(torch.where(masks[k][n], params[n], before[n]))
         for f in range(len(frags)):
             offset = ((f + 1) * H // len(frags)) % H
-            if s % H != offset:
+            due = s % H == offset
+            if not due and not (final_sync and s == steps and last_sync[f] < s):
                 continue
+            last_sync[f] = s
             for n in frags[f]:
                 delta = sum((reps[k][0][n].detach() - snaps[f][n]) * masks[k][n] for k in range(K)) / count[n]
                 g = -delta

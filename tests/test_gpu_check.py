@@ -32,3 +32,24 @@ def test_gpu_check_runs_parse_with_the_trainer_parser():
         args = parse_args(run["argv"])  # raises ValueError on an unknown or inconsistent flag
         tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
         assert run["nproc"] % (tp * pp) == 0, name
+
+
+@pytest.mark.timeout(60)
+def test_distributed_backend_flag_selects_the_backends_torch_serves():
+    """--distributed-backend gloo (several ranks on one GPU) must serve CUDA tensors through gloo; the
+    default on CUDA serves CUDA tensors through NCCL and host tensors through gloo (torch's own parser)."""
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    from megatron_ppu.comm import process_group_backend
+    from megatron_ppu.training.arguments import parse_args
+
+    served = lambda s: {d: str(b) for d, b in BackendConfig(s).get_device_backend_map().items()}  # noqa: E731
+    assert served(process_group_backend("cuda", "nccl")) == {"cpu": "gloo", "cuda": "nccl"}
+    assert served(process_group_backend("cuda", "gloo")) == {"cpu": "gloo", "cuda": "gloo"}
+    assert served(process_group_backend("cpu", "nccl")) == {"cpu": "gloo", "cuda": "gloo"}
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+            "--micro-batch-size", "2", "--lr", "1e-3", "--train-iters", "2", "--mock-data", "--vocab-size", "128"]
+    assert parse_args(base).parallel.distributed_backend == "nccl"
+    assert parse_args(base + ["--distributed-backend", "gloo"]).parallel.distributed_backend == "gloo"
+    with pytest.raises((ValueError, SystemExit)):
+        parse_args(base + ["--distributed-backend", "mpi"])

@@ -152,7 +152,7 @@ def test_unsupported_megatron_flag_is_an_error_naming_it(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_missing_data_path_is_a_clear_error(tmp_path):
-    r = _cli(MODEL + ["--data-path", str(tmp_path / "nope_text_document"), "--tokenizer-type", "NullTokenizer",
+    r = _cli(MODEL + ["--train-iters", "2", "--data-path", str(tmp_path / "nope_text_document"), "--tokenizer-type", "NullTokenizer",
                       "--vocab-size", "128", "--save", str(tmp_path / "out")], tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "nope_text_document.bin does not exist" in r.stderr
@@ -165,7 +165,7 @@ def test_corrupt_idx_is_a_clear_error(tiny_data, tmp_path):
     shutil.copy(tiny_data["prefix"] + ".bin", str(bad) + ".bin")
     idx = open(tiny_data["prefix"] + ".idx", "rb").read()
     open(str(bad) + ".idx", "wb").write(b"NOTMMIDX" + idx[8:40])  # wrong magic, truncated
-    r = _cli(MODEL + ["--data-path", str(bad), "--tokenizer-type", "GPTSentencePieceTokenizer",
+    r = _cli(MODEL + ["--train-iters", "2", "--data-path", str(bad), "--tokenizer-type", "GPTSentencePieceTokenizer",
                       "--tokenizer-model", tiny_data["model"], "--data-cache-path", str(tmp_path / "c"),
                       "--save", str(tmp_path / "out")], tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]

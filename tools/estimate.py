@@ -24,6 +24,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_ppu import estimate as E
+from megatron_ppu.comm import suggested_timeout_minutes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +202,9 @@ def format_estimate(est: E.Estimate) -> str:
     if k.bandwidth_bytes_per_s:
         bw = k.bandwidth_bytes_per_s
         lines += [f"  at {bw / 1e9:.4g} GB/s ({8 * bw / 1e9:.4g} Gbit/s): DDP {k.ddp_step_comm_s:.4f} s/step; "
-                  f"sync {k.sync_s:.4f} s/round = {k.amortized_sync_s:.5f} s/step"]
+                  f"sync {k.sync_s:.4f} s/round = {k.amortized_sync_s:.5f} s/step",
+                  f"  suggested --distributed-timeout-minutes >= {suggested_timeout_minutes(k.sync_s)} "
+                  f"(3 x the outer sync at peak bandwidth, at least Megatron's 10)"]
     if est.time:
         t = est.time
         lines += ["", "simulated time (DDP: max(comp, comm); low-comm: comp + sync/H)",

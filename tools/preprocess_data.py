@@ -7,6 +7,16 @@ Example::
         --tokenizer-type GPTSentencePieceTokenizer --tokenizer-model tok.model \
         --append-eod --workers 2
 
+GPT-2 BPE files, a local HuggingFace tokenizer, or Megatron-LM's legacy ids::
+
+    python tools/preprocess_data.py --input corpus.jsonl --output-prefix data/corpus \
+        --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \
+        --append-eod
+    python tools/preprocess_data.py ... --tokenizer-type HuggingFaceTokenizer \
+        --tokenizer-model path/to/tokenizer_folder
+    python tools/preprocess_data.py ... --tokenizer-type SentencePieceTokenizer \
+        --tokenizer-model tok.model --legacy-tokenizer
+
 The logic lives in :mod:`megatron_ppu.data.preprocess`; see docs/data.md.
 """
 import os

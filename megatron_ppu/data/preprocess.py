@@ -6,6 +6,12 @@ key, ``{output_prefix}_{key}_{document|sentence}.bin/.idx`` written with megatro
 ``IndexedDataset`` (and Megatron-LM unchanged) reads them. Token dtype is megatron-core's
 ``DType.optimal_dtype(tokenizer.vocab_size)``: uint16 below 65,500 ids, int32 otherwise.
 
+The tokenizer flags are Megatron-LM's (all 17 of ``_add_tokenizer_args``; see
+:mod:`megatron_ppu.data.tokenizers`): megatron-core's tokenizers by default, Megatron-LM's legacy
+ids with ``--legacy-tokenizer``, and the same ``.bin/.idx`` bytes as Megatron-LM's own tool in
+both modes (tests/test_tokenizers.py). ``--keep-newlines`` splits with Megatron-LM's Punkt
+variant (:mod:`megatron_ppu.data.sentence_split`).
+
 Differences from Megatron-LM, all on purpose:
 
 * The output does not depend on ``--workers`` or ``--partitions``: documents are encoded by a
@@ -54,7 +60,13 @@ from megatron_ppu.data.inputs import (
     iter_raw_lines,
     parse_json_line,
 )
-from megatron_ppu.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
+from megatron_ppu.data.tokenizers import (
+    MEGATRON_TOKENIZER_TYPES,
+    TOKENIZER_TYPES,
+    TokenizerOptions,
+    build_tokenizer,
+    tokenizer_options_from,
+)
 
 __all__ = [
     "PreprocessConfig",
@@ -79,10 +91,15 @@ class PreprocessConfig:
     Attributes:
         input: JSONL file(s) or glob(s) (``.gz`` is decompressed).
         output_prefix: outputs are ``{output_prefix}_{key}_{document|sentence}.bin/.idx``.
-        tokenizer_type: ``GPTSentencePieceTokenizer``, ``SentencePieceTokenizer`` or
-            ``NullTokenizer``.
-        tokenizer_model: SentencePiece ``.model`` path.
-        vocab_size: ``NullTokenizer`` vocabulary size.
+        tokenizer_type: one of :data:`~megatron_ppu.data.tokenizers.TOKENIZER_TYPES`.
+        tokenizer_model: SentencePiece ``.model``, tiktoken vocabulary, or HuggingFace
+            tokenizer folder / ``tokenizer.json``.
+        vocab_size: ``NullTokenizer`` / ``TikTokenizer`` vocabulary size.
+        vocab_file, merge_file, vocab_extra_ids, tokenizer_metadata, tokenizer_special_tokens,
+        legacy_tokenizer, tiktoken_pattern, tiktoken_num_special_tokens,
+        tiktoken_special_tokens, tokenizer_sentencepiece_legacy, tokenizer_hf_use_fast,
+        tokenizer_hf_include_special_tokens, trust_remote_code, padded_vocab_size: Megatron-LM's
+            tokenizer settings (see :class:`~megatron_ppu.data.tokenizers.TokenizerOptions`).
         json_keys: keys to extract; one output per key.
         split_sentences: split documents into sentences (Punkt); outputs are ``*_sentence``.
         keep_newlines: keep the whitespace (newlines) after each sentence when splitting.
@@ -113,6 +130,24 @@ class PreprocessConfig:
     chunksize: int = 32
     skip_malformed: bool = False
     start_method: Optional[str] = None
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    vocab_extra_ids: int = 0
+    tokenizer_metadata: Optional[str] = None
+    tokenizer_special_tokens: Optional[List[str]] = None
+    legacy_tokenizer: bool = False
+    tiktoken_pattern: Optional[str] = None
+    tiktoken_num_special_tokens: int = 1000
+    tiktoken_special_tokens: Optional[List[str]] = None
+    tokenizer_sentencepiece_legacy: bool = False
+    tokenizer_hf_use_fast: bool = False
+    tokenizer_hf_include_special_tokens: bool = False
+    trust_remote_code: bool = False
+    padded_vocab_size: Optional[int] = None
+
+    def tokenizer_options(self) -> TokenizerOptions:
+        """The tokenizer settings of this run."""
+        return tokenizer_options_from(self)
 
 
 @dataclass
@@ -203,9 +238,7 @@ class DocumentEncoder:
         self.keys = tuple(config.json_keys)
         self.paths = list(paths)
         self.append_eod = config.append_eod
-        self.tokenizer = build_tokenizer(
-            config.tokenizer_type, config.tokenizer_model, config.vocab_size
-        )
+        self.tokenizer = build_tokenizer(config.tokenizer_options())
         self.eod = self.tokenizer.eod
         self.id_dtype = numpy.int32 if self.tokenizer.vocab_size < 2**31 else numpy.int64
         self.splitter = None
@@ -487,12 +520,18 @@ def preprocess_data(config: PreprocessConfig) -> PreprocessReport:
     begin = time.perf_counter()
     _validate(config)
     paths = expand_input_paths(config.input)
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.vocab_size)
+    tokenizer = build_tokenizer(config.tokenizer_options())
     if config.append_eod and tokenizer.eod < 0:
         raise TokenizerModelError(
-            f"--append-eod needs an end-of-document id, but {config.tokenizer_model!r} has no EOS "
-            "piece (eos_id=-1); retrain it with an EOS piece or drop --append-eod."
+            f"--append-eod needs an end-of-document id, but the {config.tokenizer_type} from "
+            f"{config.tokenizer_model or config.vocab_file!r} has none (no EOS token); give the "
+            "tokenizer an EOS token (SentencePiece: retrain with an EOS piece; HuggingFace: "
+            "`eos_token` in tokenizer_config.json) or drop --append-eod."
         )
+    if config.padded_vocab_size is not None:
+        logger.info("--padded-vocab-size %d accepted: it does not change the output (as in "
+                    "Megatron-LM, the token dtype follows the tokenizer's own vocabulary size, "
+                    "%d).", config.padded_vocab_size, tokenizer.vocab_size)
     if config.split_sentences:
         from megatron_ppu.data.sentence_split import build_sentence_splitter
 
@@ -571,11 +610,47 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="Tokenize JSONL documents into Megatron .bin/.idx indexed datasets.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model file.")
+    group = parser.add_argument_group("tokenizer (Megatron-LM's flags; see docs/data.md)")
+    group.add_argument("--tokenizer-type", required=True, choices=MEGATRON_TOKENIZER_TYPES,
+                       help=f"Implemented: {', '.join(TOKENIZER_TYPES)}; Megatron-LM's other "
+                            "types are refused with the reason.")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece .model file, tiktoken JSON vocabulary, or a local "
+                            "HuggingFace tokenizer folder / tokenizer.json (never downloaded).")
     group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer: ids in the text are < N, N is the end-of-document id.")
+                       help="NullTokenizer: ids in the text are < N, N is the end-of-document "
+                            "id. TikTokenizer: vocabulary size (default 131072).")
+    group.add_argument("--padded-vocab-size", type=int, default=None,
+                       help="Accepted; does not change the output (as in Megatron-LM).")
+    group.add_argument("--vocab-file", default=None,
+                       help="GPT2BPETokenizer: vocab.json (HuggingFaceTokenizer: passed on).")
+    group.add_argument("--merge-file", default=None,
+                       help="GPT2BPETokenizer: merges.txt (HuggingFaceTokenizer: passed on).")
+    group.add_argument("--vocab-extra-ids", type=int, default=0,
+                       help="--legacy-tokenizer SentencePieceTokenizer: append <extra_id_0..N-1>.")
+    group.add_argument("--tokenizer-metadata", default=None,
+                       help="Refused: the tokenizer is chosen by --tokenizer-type.")
+    group.add_argument("--tokenizer-special-tokens", nargs="+", default=None,
+                       help="Special tokens (TikTokenizer; HuggingFace additional special "
+                            "tokens; SentencePiece with --tokenizer-sentencepiece-legacy).")
+    group.add_argument("--legacy-tokenizer", action="store_true",
+                       help="Megatron-LM's legacy tokenizer ids instead of megatron-core's.")
+    group.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"],
+                       help="TikTokenizer split pattern (default v2; required with "
+                            "--legacy-tokenizer).")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids reserved for special tokens.")
+    group.add_argument("--tiktoken-special-tokens", nargs="+", default=None,
+                       help="Refused: Megatron-LM never reads it; use --tokenizer-special-tokens.")
+    group.add_argument("--tokenizer-sentencepiece-legacy", action="store_true",
+                       help="megatron-core SentencePiece wrapper's legacy mode (allows "
+                            "--tokenizer-special-tokens).")
+    group.add_argument("--tokenizer-hf-use-fast", action="store_true",
+                       help="HuggingFace: use the fast tokenizer.")
+    group.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
+                       help="HuggingFace: encode with the tokenizer's special tokens (BOS...).")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="HuggingFace: allow code shipped in the local tokenizer folder.")
     group = parser.add_argument_group("input data")
     group.add_argument("--input", nargs="+", required=True,
                        help="JSONL file(s) or glob(s), e.g. 'data/*.jsonl' (quote globs).")
@@ -629,7 +704,17 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         chunksize=args.chunksize,
         skip_malformed=args.skip_malformed,
         start_method=args.start_method,
+        **{f: getattr(args, f) for f in _TOKENIZER_FLAG_FIELDS},
     )
+
+
+_TOKENIZER_FLAG_FIELDS = (
+    "vocab_file", "merge_file", "vocab_extra_ids", "tokenizer_metadata",
+    "tokenizer_special_tokens", "legacy_tokenizer", "tiktoken_pattern",
+    "tiktoken_num_special_tokens", "tiktoken_special_tokens", "tokenizer_sentencepiece_legacy",
+    "tokenizer_hf_use_fast", "tokenizer_hf_include_special_tokens", "trust_remote_code",
+    "padded_vocab_size",
+)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> PreprocessReport:

