@@ -554,8 +554,22 @@ class Trainer:
         replica = C.unshard_state(st["replica_shard"], self.layout.inner_dp_group)
         missing = self.model.load_state_dict(replica["local_model"], strict=False)
         assert not missing.unexpected_keys, missing
+        # The optimizer's state dict carries each parameter group's schedule bounds (max_lr/min_lr),
+        # which megatron-core's scheduler reads before its own; --override-opt_param-scheduler means
+        # this run's schedule, so this run's bounds are put back after loading.
+        bounds = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in self.optimizer.param_groups]
         self._load_optimizer(own, replica)
-        self.scheduler.load_state_dict(own["scheduler"])
+        if self.args.training.override_opt_param_scheduler:
+            for g, b in zip(self.optimizer.param_groups, bounds):
+                g.update(b)
+        try:
+            self.scheduler.load_state_dict(own["scheduler"])
+        except AssertionError as e:  # megatron-core's "... do not match" check of a schedule value
+            raise C.CheckpointError(
+                f"{path}: the learning-rate schedule of this run differs from the checkpoint's ({e}); resume "
+                "with the same --lr/--min-lr/--lr-warmup-*/--lr-decay-*/--weight-decay flags, or pass "
+                "--override-opt_param-scheduler (this run's values) or --use-checkpoint-opt_param-scheduler "
+                "(the checkpoint's values), as in Megatron-LM.") from e
         if self.diloco is not None:
             self.diloco.load_state_dict(replica["diloco"])
         self.iteration = own["iteration"]
