@@ -48,15 +48,15 @@ MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "
          "--micro-batch-size", "8", "--lr", "1e-3", "--lr-warmup-iters", "10", "--lr-decay-style", "cosine",
          "--weight-decay", "0.1", "--adam-beta2", "0.99", "--eval-iters", "8", "--eval-interval", "100000",
          "--log-interval", "100000", "--hidden-dropout", "0", "--attention-dropout", "0"]
-ITERS = 60
+ITERS = 40
 METHODS: Dict[str, List[str]] = {
     "ddp": ["--diloco-local-steps", "0"],
-    "diloco_fp32": ["--diloco-local-steps", "20"],
-    "diloco_bf16": ["--diloco-local-steps", "20", "--diloco-allreduce-dtype", "bf16"],
-    "streaming_fp32": ["--diloco-local-steps", "20", "--diloco-streaming-fragments", "3"],
-    "streaming_bf16": ["--diloco-local-steps", "20", "--diloco-streaming-fragments", "3",
+    "diloco_fp32": ["--diloco-local-steps", "10"],
+    "diloco_bf16": ["--diloco-local-steps", "10", "--diloco-allreduce-dtype", "bf16"],
+    "streaming_fp32": ["--diloco-local-steps", "10", "--diloco-streaming-fragments", "3"],
+    "streaming_bf16": ["--diloco-local-steps", "10", "--diloco-streaming-fragments", "3",
                        "--diloco-allreduce-dtype", "bf16"],
-    "ppu2_streaming_bf16": ["--diloco-local-steps", "20", "--diloco-streaming-fragments", "3",
+    "ppu2_streaming_bf16": ["--diloco-local-steps", "10", "--diloco-streaming-fragments", "3",
                             "--diloco-allreduce-dtype", "bf16", "--ppu-slices", "2"],
 }
 BANDWIDTHS = ["unthrottled", "1gbit", "300mbit", "100mbit"]
