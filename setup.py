@@ -1,9 +1,5 @@
-"""megatron_ppu: Partial Parameter Updates (PPU) and DiLoCo on Megatron-Core.
-
-The runtime patches live in the top-level ``patches/`` folder of the repository
-and are installed as the sub-package ``megatron_ppu.patches``.
-"""
-from setuptools import setup
+"""megatron_ppu: Partial Parameter Updates (PPU) and DiLoCo on Megatron-Core."""
+from setuptools import find_namespace_packages, setup
 
 MEGATRON_CORE_VERSION = "0.16.1"
 
@@ -12,8 +8,8 @@ setup(
     version="0.1.0",
     description="Partial Parameter Updates (PPU) and DiLoCo low-communication training on Megatron-Core",
     python_requires=">=3.10",
-    packages=["megatron_ppu", "megatron_ppu.training", "megatron_ppu.data", "megatron_ppu.patches"],
-    package_dir={"megatron_ppu.patches": "patches"},
+    # every sub-package of megatron_ppu/ (training, data, sync, patches, testing, ...)
+    packages=find_namespace_packages(include=["megatron_ppu", "megatron_ppu.*"], exclude=["*.__pycache__"]),
     install_requires=[
         # torch is deliberately unpinned here: scripts/setup_env.sh installs the CPU
         # build first where no CUDA torch is present (an unpinned resolve would pull

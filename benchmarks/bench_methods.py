@@ -5,7 +5,7 @@ One invocation measures every method on the same model, data and K = ``--nproc``
 ranks (gloo), each method in a fresh process group (so that peak memory is per method):
 
 * per-rank bytes of weights, gradient buffers, inner-optimizer state (Megatron DDP's
-  ``grad_data`` and the Adam moments, :func:`megatron_ppu.optimizer.measure_state_bytes`)
+  ``grad_data`` and the Adam moments, :func:`megatron_ppu.testing.accounting.measure_state_bytes`)
   and DiLoCo's host outer state (snapshot + Nesterov momentum,
   ``DiLoCo.outer_state_bytes``), all from the live tensors;
 * peak process memory (``ru_maxrss``) per rank, and its growth over the process's
@@ -99,7 +99,7 @@ def is_sdp(argv) -> bool:
 
 
 def is_step_sync(argv) -> bool:
-    return C.flag_value(argv, "--subnet-sync", "outer") == "step"
+    return C.parsed_flags(argv).subnet_sync == "step"
 
 
 def method_argv(model, train_iters: int, extra):
@@ -141,7 +141,7 @@ def predict_sdp(argv, world: int, vocab_size: int, ranks: list) -> dict:
     * bytes sent: no prediction (``None``); DDP's ``2 (K-1)/K x`` dense gradient bytes is
       given as ``bytes_sent_ddp_per_step`` for comparison.
     """
-    from megatron_ppu.optimizer import predict_state_bytes
+    from megatron_ppu.testing.accounting import predict_state_bytes
 
     ref_argv = dense_reference_argv(argv)
     ref = C.predict(ref_argv, world, vocab_size)
@@ -151,15 +151,15 @@ def predict_sdp(argv, world: int, vocab_size: int, ranks: list) -> dict:
     sb = predict_state_bytes(owned, bf16=False)
     outer = 0.0 if is_step_sync(argv) else ref["outer_bytes"]
     flops_exp, src = None, None
-    if C.flag_value(argv, "--subnet-masking", "backward") == "forward":
-        if C.flag_value(argv, "--subnet-plan") == "blocks":
+    flags = C.parsed_flags(argv)
+    if flags.subnet_masking == "forward":
+        if flags.subnet_plan == "blocks":
             held = len(ranks[0]["held_blocks"])
             flops_exp = C.predict(C.drop_flags(dense_ddp, ("--num-layers",)) + ["--num-layers", str(held)],
                                   world, vocab_size)["flops_gemm"]
             src = f"App. C.2 GEMM terms (common.predict), dense model with the {held} held layers"
-        elif C.flag_value(argv, "--subnet-plan") == "neurons":
-            n = C.flag_value(argv, "--ppu-slices", 1, int)
-            ffn = C.flag_value(argv, "--ffn-hidden-size", None, int)
+        elif flags.subnet_plan == "neurons":
+            n, ffn = flags.ppu_slices, flags.ffn_hidden_size
             flops_exp = C.predict(C.drop_flags(dense_ddp, ("--ffn-hidden-size",)) + ["--ffn-hidden-size", str(ffn // n)],
                                   world, vocab_size)["flops_gemm"]
             src = f"App. C.2 GEMM terms (common.predict), dense model with FFN {ffn} / {n} = {ffn // n}"
@@ -185,7 +185,8 @@ def run_worker(spec: dict) -> dict:
     import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_ppu.optimizer import measure_state_bytes, predict_state_bytes
+    from megatron_ppu.testing.accounting import measure_state_bytes, predict_state_bytes
+    from megatron_ppu.sync import DiLoCoSync, SDPSync
 
     rss_start = C.max_rss_bytes()  # after importing torch and megatron-core: the baseline
     t_build = time.perf_counter()
@@ -193,9 +194,9 @@ def run_worker(spec: dict) -> dict:
     t_build = time.perf_counter() - t_build
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {"rank": rank, "world": world, "build_s": t_build,
-           "vocab_size": tr.resolved["tokenizer"].vocab_size, "plan": tr.plan.summary(),
+           "vocab_size": tr.run.tokenizer.vocab_size, "plan": tr.plan.summary(),
            "owned_numel": tr.plan.owned_numel(), "total_numel": tr.plan.total_numel(),
-           "held_blocks": list(getattr(tr, "held_blocks", []) or [])}
+           "held_blocks": tr.run.held_blocks}
     out["rss_start"] = rss_start
     out["rss_after_build"] = C.current_rss_bytes()
 
@@ -231,26 +232,26 @@ def run_worker(spec: dict) -> dict:
     out["weights_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
     plan_sb = predict_state_bytes(tr.plan.owned_numel(), bf16=False)  # what the ownership plan predicts
     out["plan_grad_bytes"], out["plan_optimizer_bytes"] = plan_sb.grads, plan_sb.optimizer
-    if tr.grad_sync is not None:
+    s = tr.sync.stats()
+    if isinstance(tr.sync, SDPSync):
         # SDP per-step sync: sub-group gradient all-reduces (+ refresh broadcasts of the non-held
         # values with backward masking; deferred to evaluation with forward masking).
-        st = tr.grad_sync.stats
+        sent = s["grad_bytes_sent"] + s["refresh_bytes_sent"]
         out["outer_bytes"] = 0
         out["inner_steps"] = tr.iteration
-        out["sync_stats"] = {"steps": st.steps, "refreshes": st.refreshes, "grad_bytes_sent": st.grad_bytes_sent,
-                             "refresh_bytes_sent": st.refresh_bytes_sent, "bytes_sent": st.bytes_sent}
-        out["bytes_sent_per_step"] = st.bytes_sent / st.steps
-        out["grad_bytes_sent_per_step"] = st.grad_bytes_sent / st.steps
-        out["refresh_bytes_sent_per_step"] = st.refresh_bytes_sent / st.steps
-    elif tr.diloco is not None:
-        d = tr.diloco
+        out["sync_stats"] = {**s, "bytes_sent": sent}
+        out["bytes_sent_per_step"] = sent / s["steps"]
+        out["grad_bytes_sent_per_step"] = s["grad_bytes_sent"] / s["steps"]
+        out["refresh_bytes_sent_per_step"] = s["refresh_bytes_sent"] / s["steps"]
+    elif isinstance(tr.sync, DiLoCoSync):
+        d = tr.sync
         out["outer_bytes"] = d.outer_state_bytes()
         out["inner_steps"] = d.step
-        out["syncs_total"] = d.stats.syncs
-        out["ring_bytes_sent"] = d.stats.ring_bytes_sent
-        out["payload_bytes"] = d.stats.payload_bytes
-        out["bytes_sent_per_step"] = d.stats.ring_bytes_sent / d.step
-        out["fragments"] = len(d.fragments.fragments)
+        out["syncs_total"] = s["syncs"]
+        out["ring_bytes_sent"] = s["outer_bytes_sent"]
+        out["payload_bytes"] = s["payload_bytes"]
+        out["bytes_sent_per_step"] = s["outer_bytes_sent"] / d.step
+        out["fragments"] = len(d.fragments)
     else:
         out["outer_bytes"] = 0
         k = world
@@ -695,7 +696,8 @@ def timing_markdown(t: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--nproc", type=int, default=4, help="K ranks = replicas (K %% 4 == 0 for the 1/4 variants)")
     ap.add_argument("--steps", type=int, default=17, help="timed steps per method (rounded so that the "
                     "total number of steps is a multiple of H)")

@@ -1,31 +1,41 @@
 """Shared helpers of the benchmark scripts (not part of the library).
 
 * :func:`launch_ranks`: start ``world_size`` fresh CPU ranks of a benchmark script
-  (``python SCRIPT --worker SPEC``, through :mod:`megatron_ppu.local_ranks`), wait,
+  (``python SCRIPT --worker SPEC``, through :mod:`megatron_ppu.testing.local_ranks`), wait,
   and return every rank's JSON result. A fresh process group per method keeps peak
   memory (``ru_maxrss``) meaningful per method.
 * :func:`build_trainer`: in a worker, parse Megatron flags, initialise gloo + the CPU
   patches and build a :class:`megatron_ppu.training.loop.Trainer` without training.
-* :func:`estimate_config`: the cost model's configuration for a method, in the layout
-  the trainer actually uses on CPU: fp32 weights, fp32 gradients, fp32 Adam m and v,
-  and DiLoCo's outer state on the host for *every* parameter (the snapshot θ(t) and
-  the Nesterov momentum; ``DiLoCo`` snapshots each trained-by-someone parameter in
-  full, frozen entries included).
+* :func:`parsed_flags`, :func:`drop_flags`: read / edit a method's flags with the trainer's own
+  parser (its defaults, its flags: no second flag list here).
+* :func:`estimate_config`: the cost model's configuration for a method, from the parsed
+  settings (:func:`megatron_ppu.estimate.shape_from_args`), in the layout the trainer actually
+  uses on CPU: fp32 weights, fp32 gradients, fp32 Adam m and v, and DiLoCo's outer state on
+  the host for *every* parameter (the snapshot θ(t) and the Nesterov momentum; ``DiLoCo``
+  snapshots each trained-by-someone parameter in full, frozen entries included).
 * :func:`machine_info`: CPU, load, library versions (benchmarks are run on a shared
   2-core machine; the load average is recorded with every result).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+from megatron_ppu import estimate as E  # noqa: E402 (after the path set-up)
+from megatron_ppu.config import DiLoCoConfig, cli_fields  # noqa: E402
+from megatron_ppu.training.arguments import TrainArgs, build_parser, parse_args  # noqa: E402
+
+#: The trainer's parser (flags, defaults), built once.
+_PARSER = build_parser()
 
 
 # ------------------------------------------------------------------ launching
@@ -34,9 +44,9 @@ def launch_ranks(script: str, world_size: int, spec: dict, *, timeout: float = 1
     """Run ``python script --worker <spec.json> --out <dir>`` on ``world_size`` CPU ranks.
 
     Each rank writes ``rank<r>.json``; the list of those dicts is returned (rank order).
-    On failure :class:`megatron_ppu.local_ranks.RankFailure` carries the failing rank's log.
+    On failure :class:`megatron_ppu.testing.local_ranks.RankFailure` carries the failing rank's log.
     """
-    from megatron_ppu.local_ranks import run_local_ranks
+    from megatron_ppu.testing.local_ranks import run_local_ranks
 
     with tempfile.TemporaryDirectory(prefix="ppu-bench-") as out:
         spec_path = os.path.join(out, "spec.json")
@@ -61,19 +71,26 @@ SDP_STEP = ["--subnet-sync", "step"]
 SDP_BLOCKS_HALF = ["--subnet-plan", "blocks", "--subnet-coverage", "0.5"]
 SDP_FORWARD = ["--subnet-masking", "forward"]
 SDP_NEURONS_HALF = ["--subnet-plan", "neurons", "--subnet-masking", "forward", "--ppu-slices", "2"]
-# Flags of the DiLoCo outer loop: per-step SDP (--subnet-sync step) refuses them when given.
-OUTER_FLAGS = ("--diloco-local-steps", "--diloco-outer-lr", "--diloco-outer-momentum",
-               "--diloco-streaming-fragments", "--diloco-allreduce-dtype")
+# Flags of the DiLoCo outer loop (DiLoCoConfig's, but K): per-step SDP (--subnet-sync step) refuses them.
+OUTER_FLAGS = tuple(flag for f, flag, _ in cli_fields(DiLoCoConfig) if f.name != "num_replicas")
+
+
+def parsed_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """The values of ``argv``'s flags by dest, with the trainer's defaults for the others (the
+    trainer's parser, without its validation: for reading a method's settings)."""
+    return _PARSER.parse_known_args(list(argv))[0]
 
 
 def drop_flags(argv: List[str], names) -> List[str]:
-    """``argv`` without the flags ``names`` (each followed by one value)."""
-    out, skip = [], False
+    """``argv`` without the flags ``names`` and their values (as many as the trainer's parser
+    takes for each: none for a switch)."""
+    out, skip = [], 0
     for x in argv:
         if skip:
-            skip = False
+            skip -= 1
         elif x in names:
-            skip = True
+            nargs = _PARSER._option_string_actions[x].nargs
+            skip = 0 if nargs == 0 else 1
         else:
             out.append(x)
     return out
@@ -105,12 +122,11 @@ def worker_main(run_fn) -> None:
 
 def build_trainer(argv: List[str]):
     """Parse trainer flags, init torch.distributed (gloo) + CPU patches, build the Trainer."""
-    from megatron_ppu.training.arguments import parse_args
-    from megatron_ppu.training.loop import Trainer, init_distributed
+    from megatron_ppu.training.loop import Trainer, init_distributed  # in the worker only (starts megatron)
 
     args = parse_args(argv)
     init_distributed()
-    return Trainer(args)
+    return Trainer.from_args(args)
 
 
 def max_rss_bytes() -> int:
@@ -126,55 +142,19 @@ def current_rss_bytes() -> int:
 
 
 # ------------------------------------------------------------------ cost model
-def flag_value(argv: List[str], name: str, default=None, cast=str):
-    """Value of ``--name V`` in ``argv`` (last occurrence), or ``default``."""
-    val = default
-    for i, a in enumerate(argv):
-        if a == name and i + 1 < len(argv):
-            val = cast(argv[i + 1])
-    return val
+def estimate_config(run: Union[Sequence[str], TrainArgs], world_size: int, vocab_size: int) -> E.EstimateConfig:
+    """The cost model's :class:`EstimateConfig` for a trainer command line or parsed settings
+    (CPU, fp32; the outer state on the host, every parameter snapshotted)."""
+    args = run if isinstance(run, TrainArgs) else parse_args(list(run), world_size=world_size)
+    d = args.diloco
+    prec = E.Precision(**{**E.Precision.megatron(bf16=False).__dict__, "outer_comm_dtype": d.allreduce_dtype})
+    return E.shape_from_args(args, world_size, vocab_size=vocab_size, precision=prec,
+                             outer_state_placement="host", snapshot_scope="all")
 
 
-def estimate_config(argv: List[str], world_size: int, vocab_size: int):
-    """The cost model's :class:`EstimateConfig` for a trainer command line (CPU, fp32)."""
-    from megatron_ppu import estimate as E
-
-    def has(name):
-        return name in argv
-
-    h = flag_value(argv, "--hidden-size", 128, int)
-    model = E.ModelShape(
-        num_layers=flag_value(argv, "--num-layers", 4, int), hidden_size=h,
-        num_attention_heads=flag_value(argv, "--num-attention-heads", 4, int),
-        ffn_hidden_size=flag_value(argv, "--ffn-hidden-size", None, int), vocab_size=vocab_size,
-        seq_length=flag_value(argv, "--seq-length", 128, int),
-        tie_embeddings=not has("--untie-embeddings-and-output-weights"), swiglu=has("--swiglu"),
-        add_bias_linear=not has("--disable-bias-linear"),
-        normalization=flag_value(argv, "--normalization", "LayerNorm"),
-        position_embedding_type=flag_value(argv, "--position-embedding-type", "learned_absolute"),
-        dropout=(flag_value(argv, "--attention-dropout", 0.1, float) > 0
-                 or flag_value(argv, "--hidden-dropout", 0.1, float) > 0),
-        fused_attention=False)
-    local_steps = flag_value(argv, "--diloco-local-steps", 50, int)
-    ddp = local_steps == 0
-    k = flag_value(argv, "--diloco-replicas", world_size, int)
-    mbs = flag_value(argv, "--micro-batch-size", 8, int)
-    gbs = flag_value(argv, "--global-batch-size", mbs * world_size, int)
-    f = flag_value(argv, "--diloco-streaming-fragments", 1, int)
-    train = E.TrainShape(micro_batch_size=mbs, num_microbatches=gbs // (mbs * world_size))
-    ppu = E.PPUShape(slices=flag_value(argv, "--ppu-slices", 1, int),
-                     slice_attention_heads=has("--ppu-slice-attention-heads"),
-                     replicas=world_size if ddp else k, local_steps=max(local_steps, 1),
-                     streaming_fragments=f - 1 if f > 1 else 1, outer_optimizer=not ddp,
-                     outer_state_placement="host", snapshot_scope="all")
-    return E.EstimateConfig(model=model, train=train, ppu=ppu, precision=E.Precision.megatron(bf16=False))
-
-
-def predict(argv: List[str], world_size: int, vocab_size: int) -> Dict[str, float]:
+def predict(run: Union[Sequence[str], TrainArgs], world_size: int, vocab_size: int) -> Dict[str, float]:
     """Per-rank predictions of the cost model for one method (see :func:`estimate_config`)."""
-    from megatron_ppu import estimate as E
-
-    cfg = estimate_config(argv, world_size, vocab_size)
+    cfg = estimate_config(run, world_size, vocab_size)
     pc, mem, fl, comm = E.count_parameters(cfg), E.estimate_memory(cfg), E.estimate_flops(cfg), \
         E.estimate_communication(cfg)
     tokens = fl.tokens_per_step

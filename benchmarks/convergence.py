@@ -54,17 +54,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 FIGURES = os.path.join(C.REPO, "docs", "figures")
 
-METHOD_ORDER = ["ddp", "diloco", "streaming_diloco", "ppu_mlp2", "ppu_mlp4", "ppu_mlp4_heads4",
+METHOD_ORDER = ["ddp", "diloco", "streaming_diloco", "ppu_mlp2", "ppu_mlp4", "ppu_mlp4_damped", "ppu_mlp4_lrmult",
+                "ppu_mlp4_heads4",
                 "control_wo", "control_detach",
                 "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
                 "sdp_step_blocks_bwd", "sdp_step_blocks_fwd", "sdp_step_neurons_fwd"]  # order of the tables
 # Order of the runs: the paper's comparison (Streaming DiLoCo vs PPU) and the controls first, so that
 # a study cut short by the machine's time limit misses the least important method (plain DiLoCo).
 RUN_ORDER = ["ddp", "streaming_diloco", "ppu_mlp4", "ppu_mlp2", "ppu_mlp4_heads4", "control_detach",
-             "control_wo", "diloco", "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
+             "control_wo", "diloco", "ppu_mlp4_damped", "ppu_mlp4_lrmult", "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
              "sdp_step_blocks_bwd", "sdp_step_blocks_fwd", "sdp_step_neurons_fwd"]
-PAPER_METHODS = METHOD_ORDER[:8]
-SDP_METHODS = METHOD_ORDER[8:]
+PAPER_METHODS = METHOD_ORDER[:METHOD_ORDER.index("sdp_blocks_bwd")]
+SDP_METHODS = METHOD_ORDER[METHOD_ORDER.index("sdp_blocks_bwd"):]
 SDP_TABLE = ["ddp", "streaming_diloco", "ppu_mlp2"] + SDP_METHODS  # SDP next to its references
 
 
@@ -92,6 +93,9 @@ def methods(a) -> dict:
         "streaming_diloco": ("Streaming DiLoCo", s),
         "ppu_mlp2": ("PPU 1/2 MLPs", s + ["--ppu-slices", "2"]),
         "ppu_mlp4": ("PPU 1/4 MLPs", s + ["--ppu-slices", "4"]),
+        # the single-owner remedies of docs/single_owner.md (issue 16)
+        "ppu_mlp4_damped": ("PPU 1/4 MLPs, owner damping 1", s + ["--ppu-slices", "4", "--diloco-owner-damping", "1"]),
+        "ppu_mlp4_lrmult": ("PPU 1/4 MLPs, sliced lr x 0.5", s + ["--ppu-slices", "4", "--ppu-sliced-lr-mult", "0.5"]),
         "ppu_mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", s + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
         "control_wo": ("control: 1/4 MLPs + 1/4 heads + W_O sliced",
                        s + ["--ppu-slices", "4", "--ppu-slice-attention-heads", "--ppu-slice-attention-output"]),
@@ -115,7 +119,8 @@ def run_worker(spec: dict) -> dict:
     """One rank of one method: train, evaluate at intervals, measure state, report."""
     import torch.distributed as dist
 
-    from megatron_ppu.optimizer import measure_state_bytes, predict_state_bytes
+    from megatron_ppu.testing.accounting import measure_state_bytes, predict_state_bytes
+    from megatron_ppu.sync import DiLoCoSync, SDPSync
 
     rss_start = C.max_rss_bytes()
     t0 = time.perf_counter()
@@ -142,22 +147,23 @@ def run_worker(spec: dict) -> dict:
                 os.replace(progress + ".tmp", progress)
     train_s = time.perf_counter() - t_train
     sb = measure_state_bytes([tr.ddp], tr.optimizer)
+    stats = tr.sync.stats()
     out = {"rank": rank, "losses": losses, "evals": evals, "final_eval": evals[-1], "train_s": train_s,
            "total_s": time.perf_counter() - t0, "grad_bytes": sb.grads, "optimizer_bytes": sb.optimizer,
            "trainable_elements": sb.trainable_elements,
            "weights_bytes": sum(p.numel() * p.element_size() for p in tr.model.parameters()),
-           "outer_bytes": tr.diloco.outer_state_bytes() if tr.diloco is not None else 0,
-           "syncs": tr.diloco.stats.syncs if tr.diloco is not None else 0,
-           "bytes_sent": tr.diloco.stats.ring_bytes_sent if tr.diloco is not None else
-           tr.grad_sync.stats.bytes_sent if tr.grad_sync is not None else
+           "outer_bytes": tr.sync.outer_state_bytes() if isinstance(tr.sync, DiLoCoSync) else 0,
+           "syncs": stats.get("syncs", 0),
+           # bytes by kind from the synchroniser (DiLoCo: outer syncs; SDP: gradients + refreshes); DDP: the ring model
+           "bytes_sent": sum(v for k, v in stats.items() if k.endswith("_bytes_sent")) if stats else
            (2 * (world - 1) / world * sb.grads * iters),
-           "sync_stats": vars(tr.grad_sync.stats) if tr.grad_sync is not None else None,
+           "sync_stats": stats if isinstance(tr.sync, SDPSync) else None,
            # grads + Adam state predicted from the ownership plan's trainable count (fp32)
            "plan_state_bytes": (lambda b: b.grads + b.optimizer)(predict_state_bytes(tr.plan.owned_numel(), bf16=False)),
-           "skipped_outer": tr.diloco.stats.skipped if tr.diloco is not None else 0,
-           "vocab_size": tr.resolved["tokenizer"].vocab_size, "plan": tr.plan.summary(),
+           "skipped_outer": stats.get("skipped", 0),
+           "vocab_size": tr.run.tokenizer.vocab_size, "plan": tr.plan.summary(),
            "total_numel": tr.plan.total_numel(), "global_batch_size": tr.global_batch_size,
-           "data": tr.resolved["description"], "rss_start": rss_start, "rss_peak": C.max_rss_bytes()}
+           "data": tr.run.data_description, "rss_start": rss_start, "rss_peak": C.max_rss_bytes()}
     return out
 
 
@@ -212,6 +218,7 @@ def figures(results: dict, meta: dict, prefix: str, fig_dir: str) -> list:
     paths = []
     styles = {"ddp": ("black", "-"), "diloco": ("tab:orange", "--"), "streaming_diloco": ("tab:orange", "-"),
               "ppu_mlp2": ("tab:blue", "-"), "ppu_mlp4": ("tab:green", "-"),
+              "ppu_mlp4_damped": ("tab:green", "--"), "ppu_mlp4_lrmult": ("tab:green", ":"),
               "ppu_mlp4_heads4": ("tab:purple", "-"), "control_wo": ("tab:red", ":"),
               "control_detach": ("tab:brown", ":"),
               "sdp_blocks_bwd": ("tab:cyan", "-."), "sdp_blocks_fwd": ("tab:olive", "-."),
@@ -364,7 +371,8 @@ def report(a, names, allm, meta_extra=None) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--nproc", type=int, default=4, help="K replicas = ranks")
     ap.add_argument("--iters", type=int, default=1500)
     ap.add_argument("--layers", type=int, default=4)

@@ -15,14 +15,18 @@ syncs), bytes on the wire, final held-out loss; beside them the cost model's pre
 (``megatron_ppu.estimate``: compute time measured unthrottled + the ring all-reduce bytes of each
 rank over R / K, since the K ranks share the link).
 
-    python benchmarks/slow_link.py                        # all bandwidths and methods
-    python benchmarks/slow_link.py --bandwidths 100mbit --methods ddp diloco
+    python benchmarks/slow_link.py                        # the default bandwidths and methods
+    python benchmarks/slow_link.py --bandwidths 100mbit --methods ddp streaming_int8_tau2
     python benchmarks/slow_link.py --report-only          # table + figure from the results file
 
 Results: ``benchmarks/results/slow_link.json`` (+ ``.md`` table and ``docs/figures/slow_link.png``).
-Overlapped (τ > 0) and quantized (int8 / fp8) outer syncs are not implemented yet (issue 15); the
-methods here are what the library has: DDP, DiLoCo, Streaming DiLoCo, with fp32 / bf16 payloads,
-and PPU 1/2 MLPs.
+
+Methods (``--methods``; names are generated from the grid): ``ddp``; ``diloco_<dtype>[_tau<τ>]``
+(F = 1) and ``streaming_<dtype>[_tau<τ>][_ef]`` (F = 3) for every payload dtype fp32 / bf16 / int8 /
+fp8, synchronous (τ = 0) or overlapped (τ = 2 inner steps, the most F = 3 at H = 10 allows), ``_ef``
+with error feedback; ``ppu2_<streaming method>``: PPU 1/2 MLPs on top. The time blocked in
+communication is what the synchroniser reports (``comm_wait_s`` of its stats: seconds the training
+thread waited for cross-replica communication; DDP: Megatron's gradient all-reduce).
 """
 from __future__ import annotations
 
@@ -49,17 +53,33 @@ MODEL = ["--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "
          "--weight-decay", "0.1", "--adam-beta2", "0.99", "--eval-iters", "8", "--eval-interval", "100000",
          "--log-interval", "100000", "--hidden-dropout", "0", "--attention-dropout", "0"]
 ITERS = 40
-METHODS: Dict[str, List[str]] = {
-    "ddp": ["--diloco-local-steps", "0"],
-    "diloco_fp32": ["--diloco-local-steps", "10"],
-    "diloco_bf16": ["--diloco-local-steps", "10", "--diloco-allreduce-dtype", "bf16"],
-    "streaming_fp32": ["--diloco-local-steps", "10", "--diloco-streaming-fragments", "3"],
-    "streaming_bf16": ["--diloco-local-steps", "10", "--diloco-streaming-fragments", "3",
-                       "--diloco-allreduce-dtype", "bf16"],
-    "ppu2_streaming_bf16": ["--diloco-local-steps", "10", "--diloco-streaming-fragments", "3",
-                            "--diloco-allreduce-dtype", "bf16", "--ppu-slices", "2"],
-}
+H, F, TAU = 10, 3, 2
+
+
+def _methods() -> Dict[str, List[str]]:
+    grid: Dict[str, List[str]] = {"ddp": ["--diloco-local-steps", "0"]}
+    for kind, frags in (("diloco", 1), ("streaming", F)):
+        for dtype in ("fp32", "bf16", "int8", "fp8"):
+            for tau in (0, TAU):
+                for ef in ((False, True) if dtype in ("int8", "fp8") else (False,)):
+                    name = f"{kind}_{dtype}" + (f"_tau{tau}" if tau else "") + ("_ef" if ef else "")
+                    argv = ["--diloco-local-steps", str(H), "--diloco-streaming-fragments", str(frags),
+                            "--diloco-allreduce-dtype", dtype]
+                    argv += ["--diloco-sync-delay", str(tau)] if tau else []
+                    argv += ["--diloco-error-feedback"] if ef else []
+                    grid[name] = argv
+                    if kind == "streaming":
+                        grid["ppu2_" + name] = argv + ["--ppu-slices", "2"]
+    return grid
+
+
+METHODS = _methods()
+# What the committed results measure (about 25 minutes here): every payload synchronous and
+# overlapped on Streaming DiLoCo, DiLoCo fp32, PPU 1/2 with the overlapped int8 payload.
+DEFAULT_METHODS = ["ddp", "diloco_fp32", "streaming_fp32", "streaming_bf16", "streaming_int8", "streaming_fp32_tau2",
+                   "streaming_int8_tau2", "streaming_fp8_tau2", "ppu2_streaming_int8_tau2"]
 BANDWIDTHS = ["unthrottled", "1gbit", "300mbit", "100mbit"]
+DEFAULT_BANDWIDTHS = ["unthrottled", "300mbit", "100mbit"]
 
 
 def _rate_bytes_per_s(bw: str) -> Optional[float]:
@@ -77,23 +97,6 @@ def run_worker(spec: dict) -> dict:
     from common import build_trainer
 
     tr = build_trainer(spec["argv"])
-    blocked = [0.0]
-
-    def timed(fn):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                blocked[0] += time.perf_counter() - t0
-        return wrapper
-
-    # Benchmark instrumentation of objects this run created (the model config, the DiLoCo orchestrator).
-    if getattr(tr, "diloco", None) is not None:
-        tr.diloco.sync = timed(tr.diloco.sync)
-    else:
-        cfg = tr.model.config
-        cfg.finalize_model_grads_func = timed(cfg.finalize_model_grads_func)
     dist.barrier()
     steps, losses = [], []
     t_start = time.perf_counter()
@@ -106,7 +109,9 @@ def run_worker(spec: dict) -> dict:
     dist.barrier()
     total = time.perf_counter() - t_start
     ev = tr.evaluate()
-    return {"step_s": steps, "total_s": total, "blocked_s": blocked[0], "losses": losses, "eval_loss": ev["loss"],
+    st = tr.sync.stats()
+    return {"step_s": steps, "total_s": total, "blocked_s": st["comm_wait_s"], "losses": losses, "eval_loss": ev["loss"],
+            "bytes_handed": {k: v for k, v in st.items() if k.endswith("_bytes_sent")},
             "vocab_size": tr.vocab_size, "threads": torch.get_num_threads()}
 
 
@@ -121,7 +126,7 @@ def _lo_tx_bytes() -> int:
 
 def run_namespace(spec: dict) -> dict:
     """Inside ``unshare --net``: shape lo, run every method on K ranks, return the measurements."""
-    from megatron_ppu.local_ranks import run_local_ranks
+    from megatron_ppu.testing.local_ranks import run_local_ranks
 
     subprocess.run(["ip", "link", "set", "lo", "mtu", "1500"], check=True)
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -169,18 +174,30 @@ def summarise(results: dict) -> List[dict]:
                 compute[name] = (row["total_s"] - row["blocked_s"]) / row["iters"]
             rows.append(row)
     for row in rows:
-        argv = MODEL + METHODS[row["method"]]
+        argv = MODEL + ["--train-iters", str(row["iters"])] + METHODS[row["method"]]
         pred = predict(argv, K, results["runs"][row["bandwidth"]][row["method"]]["ranks"][0]["vocab_size"])
         rate = _rate_bytes_per_s(row["bandwidth"])
-        per_step_bytes = pred["bytes_sent_per_step"]  # per rank, ring all-reduce
+        per_step_bytes = pred["bytes_sent_per_step"]  # per rank, ring all-reduce (quantized: all-to-all + all-gather)
         row["predicted_wire_bytes"] = per_step_bytes * K * row["iters"]
-        if rate is not None and row["method"] in compute:
-            comm = per_step_bytes * K / rate  # the K ranks share the link
-            c = compute[row["method"]]
-            row["predicted_step_s"] = max(c, comm) if row["method"] == "ddp" else c + comm
-        elif row["method"] in compute:
-            row["predicted_step_s"] = compute[row["method"]]
+        if row["method"] not in compute:
+            continue
+        c = compute[row["method"]]
+        if rate is None:
+            row["predicted_step_s"] = c
+            continue
+        comm = per_step_bytes * K / rate  # per step, averaged over a round; the K ranks share the link
+        if row["method"] == "ddp":
+            row["predicted_step_s"] = max(c, comm)
+        else:
+            # a fragment's reduction overlaps tau inner steps: per round F syncs, each hiding tau * c
+            tau = _flag(METHODS[row["method"]], "--diloco-sync-delay", 0)
+            frags = _flag(METHODS[row["method"]], "--diloco-streaming-fragments", 1)
+            row["predicted_step_s"] = c + max(0.0, comm - tau * c * frags / H)
     return rows
+
+
+def _flag(argv: List[str], name: str, default: int) -> int:
+    return int(argv[argv.index(name) + 1]) if name in argv else default
 
 
 def report(results: dict) -> str:
@@ -195,36 +212,85 @@ def report(results: dict) -> str:
         lines.append(f"| {r['bandwidth']} | {r['method']} | {r['step_mean_s']:.3f} s | {vs} | {pred} | "
                      f"{r['blocked_s']:.1f} s of {r['total_s']:.1f} s | {fmt_bytes(r['wire_bytes'])} / "
                      f"{fmt_bytes(r['predicted_wire_bytes'])} | {r['eval_loss']:.4f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + targets(rows))
 
 
-def figure(results: dict) -> None:
+def targets(rows: List[dict]) -> List[str]:
+    """Issue 15's targets, as ratios measured in this run: which are met."""
+    by = {(r["bandwidth"], r["method"]): r for r in rows}
+    bws = [b for b in BANDWIDTHS if any(k[0] == b for k in by)]
+    low = bws[-1]
+    out = [f"Targets at the lowest bandwidth ({low}):"]
+
+    def check(label, ok, detail):
+        out.append(f"- {'met' if ok else 'NOT met'}: {label} ({detail})")
+
+    def get(bw, m):
+        return by.get((bw, m))
+
+    best, ref = "streaming_int8_tau2", "streaming_fp32"
+    if get(low, best) and get("unthrottled", best):
+        r = get(low, best)["step_mean_s"] / get("unthrottled", best)["step_mean_s"]
+        check(f"{best} within 10 % of its unthrottled step", r <= 1.10, f"{r:.2f}x")
+    if get(low, "ddp") and get("unthrottled", "ddp"):
+        r = get(low, "ddp")["step_mean_s"] / get("unthrottled", "ddp")["step_mean_s"]
+        check("DDP at least 3x slower than unthrottled", r >= 3.0, f"{r:.2f}x")
+    for sync, over in (("streaming_int8", "streaming_int8_tau2"), ("streaming_fp32", "streaming_fp32_tau2")):
+        if get(low, sync) and get(low, over):
+            a, b = get(low, sync)["blocked_s"], get(low, over)["blocked_s"]
+            removed = 1 - b / a if a > 0 else float("nan")
+            check(f"overlap (tau=2) removes >= 80 % of the time {sync} is blocked", removed >= 0.8,
+                  f"{a:.1f} s -> {b:.1f} s, {100 * removed:.0f} % removed")
+    for q in ("streaming_int8", "streaming_fp8_tau2", "streaming_int8_tau2"):
+        if get(low, q) and get(low, ref):
+            r = get(low, q)["wire_bytes"] / get(low, ref)["wire_bytes"]
+            check(f"{q} sends <= 0.27x the wire bytes of {ref}", r <= 0.27, f"{r:.3f}x")
+            d = get(low, q)["eval_loss"] / get(low, ref)["eval_loss"] - 1
+            check(f"{q} held-out loss within 1 % of {ref}", abs(d) <= 0.01, f"{100 * d:+.2f} %")
+    for bw in bws[1:]:
+        meas = sorted((r["step_mean_s"], r["method"]) for r in rows if r["bandwidth"] == bw)
+        pred = sorted((r.get("predicted_step_s", float("inf")), r["method"]) for r in rows if r["bandwidth"] == bw)
+        ddp_m = [m for _, m in meas].index("ddp") if any(m == "ddp" for _, m in meas) else None
+        ddp_p = [m for _, m in pred].index("ddp") if any(m == "ddp" for _, m in pred) else None
+        if ddp_m is not None:
+            check(f"{bw}: DDP's place among the methods by step time is the cost model's", ddp_m == ddp_p,
+                  f"measured {ddp_m + 1}, predicted {ddp_p + 1} of {len(meas)}")
+    return out
+
+
+def figure(results: dict, path: str = FIGURE) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib not installed: no figure")
         return
     rows = summarise(results)
     bws = [b for b in BANDWIDTHS if b in results["runs"]]
-    fig, axes = plt.subplots(1, len(bws), figsize=(4 * len(bws), 3.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(bws), figsize=(4.5 * len(bws), 3.8), squeeze=False, sharey=True)
     for ax, bw in zip(axes[0], bws):
         for r in (r for r in rows if r["bandwidth"] == bw):
             m = results["runs"][bw][r["method"]]["ranks"][-1]
             t = [sum(m["step_s"][:i + 1]) for i in range(len(m["step_s"]))]
-            ax.plot(t, m["losses"], label=r["method"])
-            ax.plot([r["total_s"]], [r["eval_loss"]], "k.")
-            if r.get("predicted_step_s"):
-                ax.axvline(r["predicted_step_s"] * r["iters"], ls=":", lw=0.7, color=ax.lines[-2].get_color())
-        ax.set_title(f"{bw} (shared by {K} ranks)")
-        ax.set_xlabel("wall-clock (s); dotted: cost model")
-        ax.set_ylabel("training loss (dot: held-out)")
+            line, = ax.plot(t, m["losses"], lw=0.6, alpha=0.35)  # training loss, for the shape
+            c = line.get_color()
+            ax.plot([r["total_s"]], [r["eval_loss"]], "o", color=c, label=r["method"])  # measured
+            if r.get("predicted_step_s"):  # the cost model's wall-clock for the same run, same loss
+                pred = r["predicted_step_s"] * r["iters"]
+                ax.plot([pred], [r["eval_loss"]], "o", mfc="none", color=c)
+                ax.plot([r["total_s"], pred], [r["eval_loss"]] * 2, ":", color=c, lw=0.8)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{bw} (one link shared by {K} ranks)")
+        ax.set_xlabel("wall-clock (s, log); filled: measured, open: cost model")
+    axes[0][0].set_ylabel("held-out loss (dots); training loss (lines)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(FIGURE), exist_ok=True)
-    fig.savefig(FIGURE, dpi=110)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> int:
@@ -232,9 +298,10 @@ def main() -> int:
         worker_main(run_worker)
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bandwidths", nargs="+", default=BANDWIDTHS, help="tc rates (default: %(default)s)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
-                    help="methods (default: all)")
+    ap.add_argument("--bandwidths", nargs="+", default=DEFAULT_BANDWIDTHS,
+                    help="tc rates, e.g. 1gbit 300mbit 100mbit (default: %(default)s)")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS), metavar="METHOD",
+                    help=f"methods, from: {' '.join(METHODS)} (default: %(default)s)")
     ap.add_argument("--iters", type=int, default=ITERS, help="iterations per method (default: %(default)s)")
     ap.add_argument("--timeout", type=float, default=1200.0, help="per-method timeout in s (default: %(default)s)")
     ap.add_argument("--out", default=RESULTS, help="results JSON (default: %(default)s)")
@@ -275,7 +342,7 @@ def main() -> int:
     print(table)
     with open(os.path.splitext(a.out)[0] + ".md", "w") as f:
         f.write(f"Command: python benchmarks/slow_link.py; {results.get('link', '')}\n\n{table}\n")
-    figure(results)
+    figure(results, FIGURE if os.path.abspath(a.out) == RESULTS else os.path.splitext(a.out)[0] + ".png")
     return 0
 
 

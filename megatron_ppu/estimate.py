@@ -137,12 +137,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from megatron_ppu.config import PPUConfig, validate_ppu_config
+from megatron_ppu.sync.compress import QUANTIZED_KINDS, payload_bytes
+from megatron_ppu.training.arguments import (
+    TrainArgs,
+    batch_schedule,
+    data_parallel_size,
+    ffn_hidden_size,
+    replica_count,
+)
 
 logger = logging.getLogger(__name__)
 
 GB = 1e9
 
+#: Bytes per value of stored state and of the DDP gradient all-reduce.
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+#: Payload dtypes of the outer sync (``--diloco-allreduce-dtype``): int8 / fp8 also carry one fp32
+#: scale per ``PPUShape.quantization_block`` values (:func:`outer_payload_bytes`).
+OUTER_COMM_DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 
 # --------------------------------------------------------------------------
 # Configuration
@@ -251,6 +263,8 @@ class PPUShape:
       entirely on the host (the outer step runs on the CPU).
     * ``snapshot_scope``: "trainable" (frozen entries equal theta(t) and need no
       copy; reproduces the paper) or "all".
+    * ``quantization_block``: values per fp32 scale of an int8 / fp8 outer payload
+      (``--diloco-quantization-block``).
     """
 
     slices: int = 1
@@ -261,6 +275,7 @@ class PPUShape:
     outer_optimizer: bool = True
     outer_state_placement: str = "stream"
     snapshot_scope: str = "trainable"
+    quantization_block: int = 256
 
 
 @dataclass(frozen=True)
@@ -336,7 +351,7 @@ def _validate(cfg: EstimateConfig) -> None:
     for name in ("micro_batch_size", "num_microbatches", "tensor_model_parallel_size",
                  "pipeline_model_parallel_size"):
         positive(f"train.{name}", getattr(t, name))
-    for name in ("slices", "replicas", "local_steps", "streaming_fragments"):
+    for name in ("slices", "replicas", "local_steps", "streaming_fragments", "quantization_block"):
         positive(f"ppu.{name}", getattr(p, name))
 
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
@@ -392,8 +407,68 @@ def _validate(cfg: EstimateConfig) -> None:
     for name in ("params_dtype", "grad_dtype", "optimizer_state_dtype", "outer_state_dtype",
                  "snapshot_dtype", "grad_comm_dtype", "outer_comm_dtype", "activation_dtype"):
         value = getattr(pr, name)
-        if value not in DTYPE_BYTES:
-            raise ValueError(f"precision.{name} must be one of {sorted(DTYPE_BYTES)}, got {value!r}")
+        allowed = OUTER_COMM_DTYPES if name == "outer_comm_dtype" else sorted(DTYPE_BYTES)
+        if value not in allowed:
+            raise ValueError(f"precision.{name} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def shape_from_args(args: TrainArgs, world_size: int, *, vocab_size: Optional[int] = None,
+                    precision: Optional[Precision] = None, outer_state_placement: Optional[str] = None,
+                    snapshot_scope: str = "trainable", fused_attention: bool = False) -> EstimateConfig:
+    """The cost model's input for a parsed trainer command line (:func:`megatron_ppu.training.
+    arguments.parse_args`) on ``world_size`` ranks: the one translation from the trainer's
+    settings to the model's shapes, used by ``tools/estimate.py`` and the benchmarks.
+
+    What the trainer derives, it derives the same way here: the MLP width (Megatron-LM's,
+    SwiGLU included), the data-parallel size, the replica count K (every DP rank without
+    ``--diloco-replicas``; DDP's gradient all-reduce runs over all DP ranks), the micro-batches
+    per step, and the fragments: the trainer's ``--diloco-streaming-fragments`` F counts the
+    embeddings/output fragment, the model's ``streaming_fragments`` counts layer groups
+    (F - 1 for F > 1). The outer payload is ``--diloco-allreduce-dtype`` with
+    ``--diloco-quantization-block``.
+
+    Args:
+        vocab_size: the tokenizer's vocabulary (default ``--vocab-size``; required if neither).
+        precision: default :meth:`Precision.megatron` for ``--bf16``/``--fp16``, with the outer
+            payload dtype of ``--diloco-allreduce-dtype``.
+        outer_state_placement: default "stream" with several fragments, else "device".
+        snapshot_scope, fused_attention: as in :class:`PPUShape` / :class:`ModelShape`.
+    """
+    m, d, par = args.model, args.diloco, args.parallel
+    vocab = vocab_size if vocab_size is not None else args.data.vocab_size
+    if vocab is None:
+        raise ValueError("the cost model needs the vocabulary size: pass --vocab-size (the tokenizer's "
+                         "vocabulary, before Megatron's padding).")
+    dp = data_parallel_size(args, world_size)
+    if dp is None:
+        raise ValueError(f"world size {world_size} is not divisible by TP {par.tensor_model_parallel_size} x PP "
+                         f"{par.pipeline_model_parallel_size}; give a multiple of their product.")
+    k = replica_count(args, dp)
+    ddp = not d.enabled and args.subnet.sync != "step"
+    _, num_microbatches = batch_schedule(args.training, dp)
+    model = ModelShape(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        ffn_hidden_size=ffn_hidden_size(m), num_query_groups=m.num_query_groups if m.group_query_attention else None,
+        kv_channels=m.kv_channels, vocab_size=vocab, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by,
+        seq_length=m.seq_length, max_position_embeddings=m.max_position_embeddings,
+        tie_embeddings=not m.untie_embeddings_and_output_weights, swiglu=m.swiglu,
+        add_bias_linear=not m.disable_bias_linear, normalization=m.normalization,
+        position_embedding_type=m.position_embedding_type,
+        dropout=m.attention_dropout > 0 or m.hidden_dropout > 0, fused_attention=fused_attention)
+    train = TrainShape(micro_batch_size=args.training.micro_batch_size, num_microbatches=num_microbatches,
+                       tensor_model_parallel_size=par.tensor_model_parallel_size,
+                       pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+                       sequence_parallel=par.sequence_parallel, recompute_granularity=m.recompute_granularity or "none")
+    f = d.streaming_fragments - 1 if d.streaming_fragments > 1 else 1
+    ppu = PPUShape(slices=args.ppu.num_slices, slice_attention_heads=args.ppu.slice_attention_heads,
+                   replicas=dp if ddp else k, local_steps=max(d.local_steps, 1), streaming_fragments=f,
+                   outer_optimizer=not ddp,
+                   outer_state_placement=outer_state_placement or ("stream" if f > 1 else "device"),
+                   snapshot_scope=snapshot_scope, quantization_block=d.quantization_block)
+    if precision is None:
+        precision = Precision.megatron(bf16=args.precision.bf16 or args.precision.fp16)
+        precision = Precision(**{**asdict(precision), "outer_comm_dtype": d.allreduce_dtype})
+    return EstimateConfig(model=model, train=train, ppu=ppu, precision=precision)
 
 
 # --------------------------------------------------------------------------
@@ -796,6 +871,19 @@ class CommEstimate:
         return d
 
 
+def outer_payload_bytes(numel: int, ranks: int, dtype: str, block: int = 256) -> float:
+    """Bytes of one rank's outer-sync payload for ``numel`` values over ``ranks`` replicas in
+    ``dtype`` (``--diloco-allreduce-dtype``): fp32 4 B/value, bf16 2; int8 / fp8 1 B/value plus an
+    fp32 scale per ``block`` values, with the trainer's padding of the quantized collectives
+    (:func:`megatron_ppu.sync.compress.payload_bytes`, the implementation's own count). The ring
+    all-reduce and the quantized reduce-scatter + all-gather send the same 2(K-1)/K of it."""
+    if dtype in QUANTIZED_KINDS:
+        if ranks <= 1:  # no collective runs; the payload it would carry
+            return float(numel + 4 * math.ceil(numel / block))
+        return float(payload_bytes(numel, ranks, dtype, block))
+    return float(DTYPE_BYTES[dtype] * numel)
+
+
 def estimate_communication(cfg: EstimateConfig,
                            bandwidth_bytes_per_s: Optional[float] = None) -> CommEstimate:
     pr, p = cfg.precision, cfg.ppu
@@ -807,9 +895,9 @@ def estimate_communication(cfg: EstimateConfig,
     gs = [g for g in groups if g.stage == stage]
     n_rank = sum(g.numel_rank for g in gs)
     grad_msg = DTYPE_BYTES[pr.grad_comm_dtype] * n_rank
-    sync_msg = DTYPE_BYTES[pr.outer_comm_dtype] * n_rank
+    sync_msg = outer_payload_bytes(n_rank, k, pr.outer_comm_dtype, p.quantization_block)
     frag = max(sum(g.numel_rank for g in gs if g.fragment == f) for f in {g.fragment for g in gs})
-    frag_msg = DTYPE_BYTES[pr.outer_comm_dtype] * frag
+    frag_msg = outer_payload_bytes(frag, k, pr.outer_comm_dtype, p.quantization_block)
     c = CommEstimate(replicas=k, bandwidth_bytes_per_s=bandwidth_bytes_per_s,
                      ddp_grad_bytes=grad_msg,
                      ddp_bytes_sent_per_step=ring_allreduce_bytes_sent(grad_msg, k),

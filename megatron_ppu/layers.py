@@ -30,7 +30,6 @@ we trade that activation memory for simplicity).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -45,7 +44,15 @@ from megatron.core.tensor_parallel.mappings import (
     reduce_scatter_to_sequence_parallel_region,
 )
 
-from .ownership import SliceLayout, attention_output_layout, mlp_fc1_layout, mlp_fc2_layout, qkv_layout
+from .ownership import (  # noqa: F401 (ParamSplit: re-exported)
+    ParamSplit,
+    SliceLayout,
+    SlicedModule,
+    attention_output_layout,
+    mlp_fc1_layout,
+    mlp_fc2_layout,
+    qkv_layout,
+)
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -130,33 +137,7 @@ class _InputSlicedLinear(torch.autograd.Function):
         return dx, dw, None, None, None
 
 
-@dataclass(frozen=True)
-class ParamSplit:
-    """How a full-layout parameter ``name`` is held as ``{name}_owned`` + ``{name}_frozen``."""
-
-    name: str
-    dim: int
-    layout: SliceLayout
-
-    @property
-    def owned_name(self) -> str:
-        return f"{self.name}_owned"
-
-    @property
-    def frozen_name(self) -> str:
-        return f"{self.name}_frozen"
-
-    def owned_param(self, module) -> Parameter:
-        return getattr(module, self.owned_name)
-
-    def frozen_param(self, module) -> Parameter:
-        return getattr(module, self.frozen_name)
-
-    def full(self, module) -> torch.Tensor:
-        return self.layout.assemble(self.owned_param(module), self.frozen_param(module), self.dim)
-
-
-class PartialLinearMixin:
+class PartialLinearMixin(SlicedModule):
     """Shared machinery: split megatron's full weight into owned/frozen tensors and
     keep ``state_dict`` in Megatron's full layout."""
 
@@ -167,17 +148,14 @@ class PartialLinearMixin:
     def _ppu_init(self, num_slices: int, slice_index: int, frozen_input_jacobian: str = "full",
                   forward_mask: bool = False) -> None:
         self.ppu_forward_mask = forward_mask
-        if frozen_input_jacobian not in ("full", "detach"):
-            raise ValueError(f"frozen_input_jacobian must be 'full' or 'detach', got {frozen_input_jacobian!r}.")
+        # the settings were validated at parse time (megatron_ppu.config.validate_ppu_config)
+        assert frozen_input_jacobian in ("full", "detach"), frozen_input_jacobian
         self.ppu_num_slices = num_slices
         self.ppu_slice_index = slice_index
         self.ppu_detach_frozen = frozen_input_jacobian == "detach"
         self.ppu_splits = {}
-        if getattr(self.config, "gradient_accumulation_fusion", False):
-            raise ValueError(
-                "the PPU partial linears compute weight gradients themselves; set "
-                "gradient_accumulation_fusion=False (--no-gradient-accumulation-fusion)."
-            )
+        assert not getattr(self.config, "gradient_accumulation_fusion", False), (
+            "the PPU partial linears compute weight gradients themselves: gradient_accumulation_fusion=False")
 
     def _ppu_split(self, name: str, dim: int, layout: SliceLayout) -> None:
         full: Parameter = getattr(self, name)
@@ -236,8 +214,7 @@ class _PartialColumnParallelLinear(PartialLinearMixin, ColumnParallelLinear):
 
     def __init__(self, input_size, output_size, *, num_slices: int, slice_index: int,
                  frozen_input_jacobian: str = "full", forward_mask: bool = False, **kwargs):
-        if kwargs.get("skip_weight_param_allocation"):
-            raise ValueError("PPU partial linears need their own weight (skip_weight_param_allocation=False).")
+        assert not kwargs.get("skip_weight_param_allocation"), "PPU partial linears need their own weight"
         ColumnParallelLinear.__init__(self, input_size, output_size, **kwargs)
         self._ppu_init(num_slices, slice_index, frozen_input_jacobian, forward_mask)
         layout = self._ppu_weight_layout()
@@ -251,8 +228,7 @@ class _PartialColumnParallelLinear(PartialLinearMixin, ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if weight is not None:
-            raise ValueError("PPU partial linears do not take an external weight.")
+        assert weight is None, "PPU partial linears do not take an external weight"
         if self.sequence_parallel:
             total_input = gather_from_sequence_parallel_region(input_, True, group=self.tp_group)
         elif self.allreduce_dgrad:
@@ -284,12 +260,7 @@ class PPUMLPColumnParallelLinear(_PartialColumnParallelLinear):
     def _ppu_weight_layout(self) -> SliceLayout:
         gated = bool(self.config.gated_linear_unit)
         local = self.output_size_per_partition // (2 if gated else 1)
-        if local % self.ppu_num_slices:
-            raise ValueError(
-                f"ffn hidden size per TP rank ({local}) is not divisible by --ppu-slices "
-                f"{self.ppu_num_slices}; choose --ffn-hidden-size as a multiple of "
-                f"TP x {self.ppu_num_slices}."
-            )
+        # divisibility by N: megatron_ppu.config.validate_ppu_config (mlp_fc1_layout asserts it)
         return mlp_fc1_layout(local, gated, self.ppu_num_slices, self.ppu_slice_index)
 
 
@@ -298,16 +269,10 @@ class PPUQKVColumnParallelLinear(_PartialColumnParallelLinear):
 
     def _ppu_weight_layout(self) -> SliceLayout:
         cfg = self.config
-        if getattr(cfg, "attention_output_gate", False):
-            raise ValueError("--ppu-slice-attention-heads does not support an attention output gate.")
+        assert not getattr(cfg, "attention_output_gate", False), "validate_ppu_config refuses an output gate"
         tp = self.output_size // self.output_size_per_partition
         groups = cfg.num_query_groups or cfg.num_attention_heads
-        if groups % tp or (groups // tp) % self.ppu_num_slices:
-            raise ValueError(
-                f"query groups per TP rank ({groups}/{tp}) are not divisible by --ppu-slices "
-                f"{self.ppu_num_slices}; use a multiple of TP x N heads/groups or drop "
-                "--ppu-slice-attention-heads."
-            )
+        assert groups % tp == 0, (groups, tp)  # divisibility by N: validate_ppu_config; qkv_layout asserts it
         local_groups = groups // tp
         rows_per_group = self.output_size_per_partition // local_groups
         return qkv_layout(local_groups, rows_per_group, self.ppu_num_slices, self.ppu_slice_index)
@@ -328,8 +293,7 @@ class _PartialRowParallelLinear(PartialLinearMixin, RowParallelLinear):
         self.weight = None
 
     def forward(self, input_: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        if not self.input_is_parallel:
-            raise ValueError(f"{type(self).__name__} expects input_is_parallel=True (as in megatron's GPT layer).")
+        assert self.input_is_parallel, f"{type(self).__name__} expects input_is_parallel=True (megatron's GPT layer)"
         w = self.ppu_splits["weight"]
         if self.ppu_forward_mask and self.training:
             # Forward masking: the input holds only the owned hidden units; inverted-dropout
@@ -351,11 +315,7 @@ class PPUMLPRowParallelLinear(_PartialRowParallelLinear):
     """``mlp.linear_fc2`` training only the columns of hidden-unit slice n."""
 
     def _ppu_weight_layout(self) -> SliceLayout:
-        if self.input_size_per_partition % self.ppu_num_slices:
-            raise ValueError(
-                f"ffn hidden size per TP rank ({self.input_size_per_partition}) is not divisible "
-                f"by --ppu-slices {self.ppu_num_slices}."
-            )
+        # divisibility by N: megatron_ppu.config.validate_ppu_config (mlp_fc2_layout asserts it)
         return mlp_fc2_layout(self.input_size_per_partition, self.ppu_num_slices, self.ppu_slice_index)
 
 
@@ -369,9 +329,7 @@ class PPUAttentionOutputRowParallelLinear(_PartialRowParallelLinear):
         cfg = self.config
         tp = self.input_size // self.input_size_per_partition
         groups = cfg.num_query_groups or cfg.num_attention_heads
-        if groups % tp or (groups // tp) % self.ppu_num_slices:
-            raise ValueError(f"query groups per TP rank ({groups}/{tp}) are not divisible by --ppu-slices "
-                             f"{self.ppu_num_slices}; cannot slice W_O by head group.")
+        assert groups % tp == 0, (groups, tp)  # divisibility by N: validate_ppu_config
         local_heads = cfg.num_attention_heads // tp
         head_dim = self.input_size_per_partition // local_heads
         return attention_output_layout(local_heads, head_dim, groups // tp, self.ppu_num_slices, self.ppu_slice_index)

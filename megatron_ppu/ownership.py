@@ -36,16 +36,36 @@ Vocabulary (paper §2.2, Algorithm 1):
 
 The :class:`OwnershipPlan` is built from a constructed model by
 :func:`build_ownership_plan`; it is keyed by the names of ``model.state_dict()``
-(Megatron's full layout), whatever the internal owned/frozen split of a layer.
+(Megatron's full layout), whatever the internal owned/frozen split of a layer. It is the
+one place that answers, for a full-layout parameter name, which tensors hold it
+(:meth:`OwnershipPlan.tensors`: module, attribute(s), split), which index ranges a replica
+owns (:meth:`OwnershipPlan.owned_ranges`) and which transformer layer it belongs to
+(:func:`layer_index`); the synchronisers, the benchmarks and the tests ask it instead of
+reading the layers' storage. A module that stores parameters split is a
+:class:`SlicedModule` (the partial linears of :mod:`megatron_ppu.layers` are), so this
+module needs nothing from the layers.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+from torch.nn import Parameter
 
 Range = Tuple[int, int]
+
+#: A transformer layer's parameters are named ``...decoder.layers.<i>.`` (i: the layer's index
+#: on this pipeline stage), in ``state_dict`` and ``named_parameters`` alike.
+_LAYER_RE = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> Optional[int]:
+    """The transformer layer (index on this pipeline stage) of parameter ``name``; None for the
+    parameters outside the layers (embeddings, final norm, output layer)."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True)
@@ -168,6 +188,78 @@ def attention_output_layout(local_heads: int, head_dim: int, local_query_groups:
 
 
 @dataclass(frozen=True)
+class ParamSplit:
+    """How a full-layout parameter ``name`` is held as ``{name}_owned`` + ``{name}_frozen``
+    along ``dim`` (``layout`` says which indices are owned)."""
+
+    name: str
+    dim: int
+    layout: SliceLayout
+
+    @property
+    def owned_name(self) -> str:
+        return f"{self.name}_owned"
+
+    @property
+    def frozen_name(self) -> str:
+        return f"{self.name}_frozen"
+
+    def owned_param(self, module) -> Parameter:
+        return getattr(module, self.owned_name)
+
+    def frozen_param(self, module) -> Parameter:
+        return getattr(module, self.frozen_name)
+
+    def full(self, module) -> torch.Tensor:
+        return self.layout.assemble(self.owned_param(module), self.frozen_param(module), self.dim)
+
+
+class SlicedModule:
+    """Interface of a module that stores some of its full-layout parameters split into an
+    owned and a frozen part (:class:`megatron_ppu.layers.PartialLinearMixin`).
+
+    Attributes:
+        ppu_num_slices: N the module was built with.
+        ppu_slice_index: the slice n it trains.
+        ppu_splits: full-layout attribute name ("weight", "bias") -> :class:`ParamSplit`.
+    """
+
+    ppu_num_slices: int
+    ppu_slice_index: int
+    ppu_splits: Dict[str, ParamSplit]
+
+
+@dataclass(frozen=True)
+class ParamTensors:
+    """The tensors that hold one full-layout parameter: ``module``'s attribute ``attr``, either
+    a whole ``Parameter`` (``split`` None) or the two parts of ``split``."""
+
+    name: str
+    module: torch.nn.Module
+    attr: str
+    split: Optional[ParamSplit]
+
+    @property
+    def attrs(self) -> Tuple[str, ...]:
+        """The attribute names on ``module``: ``(attr,)`` or ``(owned, frozen)``."""
+        return (self.split.owned_name, self.split.frozen_name) if self.split is not None else (self.attr,)
+
+    @property
+    def parts(self) -> List[Parameter]:
+        """The parameters, in the order of :attr:`attrs`."""
+        return [getattr(self.module, a) for a in self.attrs]
+
+    @property
+    def whole(self) -> Optional[Parameter]:
+        """The parameter of an unsplit tensor (None for a split one)."""
+        return getattr(self.module, self.attr) if self.split is None else None
+
+    def full(self) -> torch.Tensor:
+        """The full-layout value (assembled for a split tensor)."""
+        return self.split.full(self.module) if self.split is not None else getattr(self.module, self.attr)
+
+
+@dataclass(frozen=True)
 class ParamOwnership:
     """Ownership of one parameter of this rank (full Megatron layout of its TP shard).
 
@@ -222,12 +314,47 @@ class OwnershipPlan:
         num_slices: N.
         replica_index: k, this rank's replica.
         params: ``state_dict`` name -> :class:`ParamOwnership`, in model order.
+        modules: ``named_modules`` name -> module of the model the plan was built from (for
+            :meth:`tensors`; not part of :meth:`to_dict`).
     """
 
     num_replicas: int
     num_slices: int
     replica_index: int
     params: Dict[str, ParamOwnership] = field(default_factory=dict)
+    modules: Dict[str, torch.nn.Module] = field(default_factory=dict, repr=False, compare=False)
+
+    def tensors(self, name: str) -> ParamTensors:
+        """Which tensors hold full-layout parameter ``name``: module, attribute(s), split."""
+        assert name in self.params, f"{name} is not a parameter of this plan"
+        mod_name, _, attr = name.rpartition(".")
+        module = self.modules[mod_name]
+        split = module.ppu_splits.get(attr) if isinstance(module, SlicedModule) else None
+        return ParamTensors(name=name, module=module, attr=attr, split=split)
+
+    def owned_ranges(self, name: str, replica: int) -> Tuple[Range, ...]:
+        """The index ranges of ``name`` (along its sliced dim) that replica ``replica`` trains.
+
+        Sliced parameters: the ranges of slice ``replica mod N`` (slices are equal and evenly
+        spaced, so this rank's ranges shifted by whole slice widths). Unsliced parameters: only
+        this rank's replica is known here (the holders of a block are the blocks plan's).
+        """
+        own = self.params[name]
+        if not own.sliced:
+            assert replica == self.replica_index, "unsliced parameters: ask the blocks plan for other replicas"
+            return own.owned
+        shift = replica % self.num_slices - self.slice_index
+        out = []
+        for s, e in own.owned:
+            a, b = s + shift * (e - s), e + shift * (e - s)
+            assert 0 <= a < b <= own.shape[own.dim], (name, own.owned, replica)
+            out.append((a, b))
+        return tuple(out)
+
+    @staticmethod
+    def layer_of(name: str) -> Optional[int]:
+        """The transformer layer of ``name`` on this pipeline stage (:func:`layer_index`)."""
+        return layer_index(name)
 
     @property
     def slice_index(self) -> int:
@@ -269,22 +396,22 @@ def build_ownership_plan(model: torch.nn.Module, num_replicas: int, num_slices: 
                          owners_fn=None) -> OwnershipPlan:
     """Walk ``model`` and describe every parameter's ownership on this rank.
 
-    Partial linears (see :mod:`megatron_ppu.layers`) report their sliced tensors;
+    Sliced modules (:class:`SlicedModule`: the partial linears of :mod:`megatron_ppu.layers`)
+    report their sliced tensors;
     every other parameter is unsliced, trained here if it requires grad, and held by
     ``owners_fn(name)`` replicas (default: K; the block plan of
     :mod:`megatron_ppu.subnet` passes its per-block holder counts). The slice index the
     layers were built with must match ``replica_index mod num_slices``.
     """
-    from .layers import PartialLinearMixin
-
     if num_replicas % num_slices != 0:
         raise ValueError(f"num_slices {num_slices} must divide num_replicas {num_replicas}.")
-    plan = OwnershipPlan(num_replicas=num_replicas, num_slices=num_slices, replica_index=replica_index)
+    plan = OwnershipPlan(num_replicas=num_replicas, num_slices=num_slices, replica_index=replica_index,
+                         modules=dict(model.named_modules()))
     per_slice = num_replicas // num_slices
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         handled = set()
-        if isinstance(module, PartialLinearMixin):
+        if isinstance(module, SlicedModule):
             assert module.ppu_num_slices == num_slices, "layer built with another N"
             assert module.ppu_slice_index == replica_index % num_slices, (
                 f"{mod_name} trains slice {module.ppu_slice_index}, replica {replica_index} should "

@@ -27,21 +27,24 @@ from .layers import (
     PPUQKVColumnParallelLinear,
 )
 from .norms import TorchNorm
+from .subnet import MaskableTransformerLayer
 
 
-def _replace_torch_norms(spec: ModuleSpec) -> None:
-    """Swap Megatron's ``WrappedTorchNorm`` for :class:`TorchNorm` everywhere in ``spec``'s tree."""
+def _with_torch_norms(spec: ModuleSpec) -> ModuleSpec:
+    """A copy of ``spec`` with Megatron's ``WrappedTorchNorm`` replaced by :class:`TorchNorm`
+    everywhere in its tree."""
     sub = spec.submodules
     if sub is None or not dataclasses.is_dataclass(sub):
-        return
+        return spec
+    changes = {}
     for f in dataclasses.fields(sub):
         value = getattr(sub, f.name)
         if value is WrappedTorchNorm:
-            setattr(sub, f.name, TorchNorm)
+            changes[f.name] = TorchNorm
         elif isinstance(value, ModuleSpec):
-            if value.module is WrappedTorchNorm:
-                value.module = TorchNorm
-            _replace_torch_norms(value)
+            inner = _with_torch_norms(value)
+            changes[f.name] = dataclasses.replace(inner, module=TorchNorm) if inner.module is WrappedTorchNorm else inner
+    return dataclasses.replace(spec, submodules=dataclasses.replace(sub, **changes))
 
 
 class _BoundLinear:
@@ -71,7 +74,9 @@ def get_gpt_layer_ppu_spec(
 
     With ``ppu.num_slices == 1`` this is Megatron's own local spec (plain DiLoCo / DDP),
     except for its torch norms, which are :class:`~megatron_ppu.norms.TorchNorm` (the same
-    torch modules, plus sequence-parallel support). ``linear_proj`` (W_O) is replaced only
+    torch modules, plus sequence-parallel support), and its layer class,
+    :class:`~megatron_ppu.subnet.MaskableTransformerLayer` (Megatron's ``TransformerLayer``
+    unless the blocks plan masks it). ``linear_proj`` (W_O) is replaced only
     for the paper's negative control ``ppu.slice_attention_output``. For the whole decoder,
     final norm included, use :func:`get_gpt_decoder_ppu_spec`.
 
@@ -91,8 +96,9 @@ def get_gpt_layer_ppu_spec(
     n = ppu.num_slices
     if not 0 <= slice_index < n:
         raise ValueError(f"slice_index {slice_index} must be in [0, {n}).")
-    spec = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
-    _replace_torch_norms(spec)
+    local = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+    # megatron's layer, maskable by the SDP blocks plan (identical unless masked)
+    spec = dataclasses.replace(_with_torch_norms(local), module=MaskableTransformerLayer)
     if n == 1:
         return spec
     params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}

@@ -17,7 +17,7 @@ from typing import Any, List, Optional
 
 import torch
 
-from megatron_ppu.local_ranks import RankFailure, run_local_ranks  # noqa: F401 (RankFailure re-exported)
+from megatron_ppu.testing.local_ranks import RankFailure, run_local_ranks  # noqa: F401 (RankFailure re-exported)
 
 REPO = Path(__file__).resolve().parents[1]
 

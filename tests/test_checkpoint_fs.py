@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from tests.harness import REPO, RankFailure, run_ranks
-from tests.test_training import MODEL, _logger, _train_worker, data_flags, tiny_data  # noqa: F401 (fixture)
-from megatron_ppu.local_ranks import run_local_ranks
+from tests.conftest import data_flags
+from tests.test_training import MODEL, _logger, _train_worker
+from megatron_ppu.testing.local_ranks import run_local_ranks
 
 ITER = "latest_checkpointed_iteration.txt"
 
@@ -336,7 +337,7 @@ def test_distributed_optimizer_run_killed_and_resumed_reproduces_the_losses(tiny
 FIRST_LAUNCH_STUB = r'''
 import os, sys
 import torch.distributed as dist
-from megatron_ppu.local_ranks import free_port
+from megatron_ppu.testing.local_ranks import free_port
 from megatron_ppu.training.arguments import parse_args
 from megatron_ppu.training.checkpointing import probe_views, resolve_checkpoint
 argv = sys.argv[1:]

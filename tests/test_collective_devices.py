@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 from tests.harness import run_ranks
-from tests.test_training import MODEL, data_flags, tiny_data  # noqa: F401 (fixture)
+from tests.conftest import data_flags
+from tests.test_training import MODEL
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",
@@ -141,11 +142,11 @@ def _recorded_worker(rank, world_size, runs):
     """Install the recorder, then run each argv through the trainer; return the records per run."""
     rec = Recorder()
     rec.install()
-    from megatron_ppu import diloco
+    from megatron_ppu.sync import diloco
     from megatron_ppu.training import loop
 
     loop.Trainer.train_step = rec.phased("inner", loop.Trainer.train_step)
-    diloco.DiLoCo.after_inner_step = rec.phased("outer", diloco.DiLoCo.after_inner_step)
+    diloco.DiLoCoSync.after_inner_step = rec.phased("outer", diloco.DiLoCoSync.after_inner_step)
     out = []
     for argv in runs:
         rec.calls, rec.phase = [], "run"

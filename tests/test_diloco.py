@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_ppu.config import DiLoCoConfig, validate_diloco_config
-from megatron_ppu.diloco import build_fragment_plan
+from megatron_ppu.sync.diloco import build_fragment_plan
 from tests.harness import run_ranks
 
 
@@ -13,7 +13,7 @@ from tests.harness import run_ranks
 def _hand_worker(rank, world_size):
     import torch.distributed as dist
 
-    from megatron_ppu.diloco import DiLoCo
+    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
     from megatron_ppu.ownership import build_ownership_plan
 
     model = torch.nn.Linear(2, 2, bias=False)
@@ -151,7 +151,7 @@ def _algo1_worker(rank, world_size, scenarios):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_ppu.config import PPUConfig
-    from megatron_ppu.diloco import DiLoCo
+    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
     from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
@@ -183,7 +183,7 @@ def _algo1_worker(rank, world_size, scenarios):
                 assert torch.equal(p, before[n]), n
             for rep in loop.after_inner_step():
                 # After a fragment's sync every replica holds bitwise the same values for it.
-                for name in loop.fragments.fragments[rep.fragment]:
+                for name in loop.fragments[rep.fragment].names:
                     v = loop.handles[name].read()
                     gathered = [torch.empty_like(v) for _ in range(K)]
                     dist.all_gather(gathered, v, group=layout.replica_group)
@@ -200,7 +200,7 @@ def _algo1_worker(rank, world_size, scenarios):
                     worst = max(worst, float((got - want).abs().max()))
             moved = max(float((ref[0][n] - v).abs().max()) for n, v in G.build_gpt(cfg, None, seed=11).state_dict().items()
                         if n in ref[0])
-            out.append({**sc, "max_abs_diff": worst, "moved": moved, "syncs": loop.stats.syncs})
+            out.append({**sc, "max_abs_diff": worst, "moved": moved, "syncs": loop.stats()["syncs"]})
     return out
 
 
@@ -228,7 +228,7 @@ def _consistency_worker(rank, world_size, tp, pp, replicas, N, bf16_comm):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_ppu.config import PPUConfig
-    from megatron_ppu.diloco import DiLoCo
+    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
     from megatron_ppu.optimizer import build_inner_optimizer, wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
@@ -270,7 +270,7 @@ def _consistency_worker(rank, world_size, tp, pp, replicas, N, bf16_comm):
         elif s % 2 == 1 and layout.num_replicas > 1:
             assert not agree(layout.replica_group), "replicas should have diverged between syncs"
     full = sum(h.numel for h in loop.handles.values()) * (2 if bf16_comm else 4)
-    return {"syncs": syncs, "bytes": loop.stats.payload_bytes, "full_bytes_per_sync": full,
+    return {"syncs": syncs, "bytes": loop.stats()["payload_bytes"], "full_bytes_per_sync": full,
             "inner_dp": layout.inner_dp}
 
 
@@ -294,8 +294,10 @@ def test_replicas_consistent_under_tp_pp_and_inner_dp(tp, pp, replicas, N, bf16)
     (DiLoCoConfig(local_steps=4, outer_lr=0.0), None, "outer-lr must be > 0"),
     (DiLoCoConfig(local_steps=4, outer_momentum=1.0), None, r"outer-momentum must be in \[0, 1\)"),
     (DiLoCoConfig(local_steps=4, num_replicas=3), 4, "must divide the data-parallel size 4"),
-    (DiLoCoConfig(local_steps=4, allreduce_dtype="int8"), None, "fp32 or bf16"),
-    (DiLoCoConfig(local_steps=0, streaming_fragments=2), None, "needs --diloco-local-steps > 0"),
+    (DiLoCoConfig(local_steps=4, allreduce_dtype="int4"), None, "must be one of fp32, bf16, fp8, int8"),
+    (DiLoCoConfig(local_steps=0, streaming_fragments=2), None, "streaming-fragments set the DiLoCo outer sync"),
+    (DiLoCoConfig(local_steps=0, sync_delay=1), None, "--diloco-sync-delay set the DiLoCo outer sync"),
+    (DiLoCoConfig(local_steps=0, allreduce_dtype="int8"), None, "--diloco-allreduce-dtype set the DiLoCo"),
 ])
 def test_invalid_schedules_raise(cfg, dp, needle):
     with pytest.raises(ValueError, match=needle):

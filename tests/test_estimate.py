@@ -462,8 +462,10 @@ def test_cli_paper_table_and_json(capsys):
         assert name in out
     assert "19.36" in out and "10.41" in out
 
+    # the trainer's flags (its parser): a run given model flags needs --lr and --train-iters too
     argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-            "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "100",
+            "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "100", "--mock-data",
+            "--lr", "1e-3", "--train-iters", "10",
             "--ppu-slices", "2", "--ppu-slice-attention-heads", "--diloco-replicas", "4",
             "--diloco-streaming-fragments", "3", "--bandwidth-gbps", "8", "--bf16",
             "--step-compute-seconds", "0.1", "--json"]
@@ -478,3 +480,39 @@ def test_cli_paper_table_and_json(capsys):
     with pytest.raises(SystemExit):
         cli.main(argv[:-1] + ["--diloco-replicas", "3"])
     assert "does not divide the number of replicas" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_outer_sync_bytes_follow_the_allreduce_dtype():
+    # tiny model: 256 parameters on the rank (test_tiny_parameter_count_by_hand), K = 2 replicas
+    n, k = 256, 2
+    sync = {}
+    for dtype in ("fp32", "bf16", "int8", "fp8"):
+        pr = E.Precision(**{**E.Precision.paper().__dict__, "outer_comm_dtype": dtype})
+        sync[dtype] = E.estimate_communication(cfg_of(tiny_model(), pr, replicas=k, quantization_block=64)).sync_bytes
+    assert sync["fp32"] == 4 * n and sync["bf16"] == 2 * n
+    # int8 / fp8: 1 byte per value + one fp32 scale per block of 64, each of the K chunks padded to
+    # whole blocks: chunk = ceil(256 / (2 * 64)) * 64 = 128 values -> 2 x (128 + 4 * 128 / 64) = 272 bytes
+    assert sync["int8"] == sync["fp8"] == 2 * (128 + 4 * 2) == 272
+    # one replica: no collective; the payload is 256 + 4 * 4 scales
+    pr = E.Precision(**{**E.Precision.paper().__dict__, "outer_comm_dtype": "int8"})
+    assert E.estimate_communication(cfg_of(tiny_model(), pr, replicas=1, quantization_block=64)).sync_bytes == 272
+
+
+@pytest.mark.timeout(120)
+def test_shape_from_parsed_trainer_args():
+    from megatron_ppu.training.arguments import parse_args
+
+    argv = ["--mock-data", "--vocab-size", "100", "--num-layers", "4", "--hidden-size", "64",
+            "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--train-iters", "5", "--swiglu", "--global-batch-size", "16", "--ppu-slices", "2",
+            "--diloco-replicas", "2", "--diloco-streaming-fragments", "3", "--diloco-allreduce-dtype", "bf16"]
+    cfg = E.shape_from_args(parse_args(argv, world_size=4), 4)
+    # Megatron-LM's SwiGLU width: int(8 x 64 / 3 / 64) x 64 = 128 (not 4h = 256)
+    assert cfg.model.ffn == 128 and cfg.model.vocab_size == 100
+    # DP 4, micro-batch 2: 16 / (2 x 4) = 2 micro-batches; K = 2; F = 3 is embeddings + 2 layer groups
+    assert cfg.train.num_microbatches == 2 and cfg.ppu.replicas == 2 and cfg.ppu.streaming_fragments == 2
+    assert cfg.ppu.local_steps == 50  # the trainer's default H
+    assert cfg.precision.outer_comm_dtype == "bf16" and cfg.ppu.slices == 2
+    ddp = E.shape_from_args(parse_args(argv[:-8] + ["--diloco-local-steps", "0"], world_size=4), 4)
+    assert not ddp.ppu.outer_optimizer and ddp.ppu.replicas == 4  # DDP all-reduces over every DP rank

@@ -18,7 +18,7 @@ def _worker(rank, world_size, extra):
     from megatron_ppu.training.arguments import parse_args
     from megatron_ppu.training.loop import Trainer
 
-    tr = Trainer(parse_args(ARGV + extra))
+    tr = Trainer.from_args(parse_args(ARGV + extra))
     full = lambda: {k: v.detach().clone() for k, v in tr.model.state_dict().items()  # noqa: E731
                     if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
     # Independent reference of "the latest θ(t)": per parameter, its value at the last step after

@@ -13,8 +13,8 @@ from megatron_ppu.training.arguments import parse_args
 argv = sys.argv[1:]
 i = argv.index("pretrain_gpt_ppu.py")
 a = parse_args(argv[i + 1:])
-print(a.model.num_layers, a.model.hidden_size, a.training.global_batch_size, a.ppu_args.ppu_slices,
-      a.diloco_args.diloco_local_steps, a.diloco_args.diloco_streaming_fragments, a.diloco_args.diloco_outer_lr)
+print(a.model.num_layers, a.model.hidden_size, a.training.global_batch_size, a.ppu.num_slices,
+      a.diloco.local_steps, a.diloco.streaming_fragments, a.diloco.outer_lr)
 '''
 
 

@@ -1,7 +1,7 @@
 """The local multi-rank launcher behind tests/harness.py and the benchmarks."""
 import pytest
 
-from megatron_ppu.local_ranks import RankFailure
+from megatron_ppu.testing.local_ranks import RankFailure
 from tests.harness import run_ranks
 
 

@@ -7,7 +7,6 @@ import re
 import pytest
 
 from tests.harness import run_ranks
-from tests.test_training import tiny_data  # noqa: F401 (fixture)
 
 BASE = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--mock-data", "--vocab-size", "128"]
@@ -197,7 +196,7 @@ def test_schedule_flag_conflicts_are_megatron_lms_errors():
 
 
 def test_dense_gpt_flops_is_megatron_lms_formula():
-    from megatron_ppu.training.loop import dense_gpt_flops
+    from megatron_ppu.training.metrics import dense_gpt_flops
 
     # By hand, Megatron-LM's num_floating_point_operations for B=2, s=16, L=3, h=8, ffn=32, 2 heads
     # (kv 4, no GQA), vocab 64, no SwiGLU: 2*16*(3*(6*8*32*2 + 6*(8*24 + 8*16/2*2 + 8*8)) + 6*8*64)
@@ -216,6 +215,7 @@ def _flags_worker(rank, world_size, runs):
     import torch
 
     from megatron_ppu.training.loop import run
+    from megatron_ppu.training.metrics import params_norm
 
     lines = []
 
@@ -244,7 +244,7 @@ def _flags_worker(rank, world_size, runs):
             "q_norm": any("q_layernorm" in n for n, _ in t.model.named_parameters()),
             "rope_dim": None if rope is None else int(rope.inv_freq.numel() * 2),
             "rope_inv_freq0": None if rope is None else float(rope.inv_freq[1]),
-            "groups": groups, "params_norm": t.params_norm(),
+            "groups": groups, "params_norm": params_norm(t.model),
             "torch_norm": float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in t.model.parameters()))),
             "log": "\n".join(lines),
         })
@@ -478,12 +478,12 @@ def _per_token_worker(rank, world_size, argv):
     init_distributed()
 
     def grads(extra, batches):
-        t = Trainer(parse_args(argv + extra))
+        t = Trainer.from_args(parse_args(argv + extra))
         t.ddp.zero_grad_buffer()
         t._run_schedule([{k: v.clone() for k, v in b.items()} for b in batches], forward_only=False)
         return torch.cat([p.main_grad.flatten().clone() for p in t.model.parameters() if p.requires_grad])
 
-    t = Trainer(parse_args(argv))
+    t = Trainer.from_args(parse_args(argv))
     batches = t.batches.next_step(2)
     batches[0]["loss_mask"][:, 8:] = 0.0  # micro-batch 0 keeps 2 x 8 loss tokens, micro-batch 1 all 2 x 32
     n = [float(b["loss_mask"].sum()) for b in batches]
@@ -543,12 +543,12 @@ def _mmap_worker(rank, world_size, runs):
     from megatron_ppu.training.arguments import parse_args
 
     init_distributed()
-    return [type(Trainer(parse_args(argv)).train_ds.dataset.bin_reader).__name__ for argv in runs]
+    return [type(Trainer.from_args(parse_args(argv)).train_ds.dataset.bin_reader).__name__ for argv in runs]
 
 
 @pytest.mark.timeout(900)
 def test_no_mmap_bin_files_reads_the_bin_without_a_memory_map(tiny_data):
-    from tests.test_training import data_flags
+    from tests.conftest import data_flags
 
     argv = BASE[:-3] + ["--lr", "1e-3", "--train-iters", "1", "--eval-iters", "1"] + data_flags(tiny_data)
     got = run_ranks(1, "tests.test_megatron_flags:_mmap_worker", {"runs": [argv, argv + ["--no-mmap-bin-files"]]},

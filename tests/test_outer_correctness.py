@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from tests.harness import run_ranks
-from tests.test_training import MODEL, data_flags, tiny_data  # noqa: F401 (fixture)
+from tests.conftest import data_flags
+from tests.test_training import MODEL
 
 
 def _make_trainer(argv):
@@ -22,7 +23,7 @@ def _make_trainer(argv):
 
     args = parse_args(argv)
     init_distributed()
-    return Trainer(args)
+    return Trainer.from_args(args)
 
 
 def _owned_mask_ppu(name, shape, n, N, ffn):
@@ -45,20 +46,19 @@ def _bf16_delta_worker(rank, world_size, argv, case):
     from megatron_ppu.subnet import block_assignment
 
     t = _make_trainer(argv)
-    loop = t.diloco
+    loop = t.sync
     K = world_size
     captured = []
-    orig = loop.perform
+    for frag in loop.fragments:
+        def perform(deltas, f=frag.index, orig=frag.perform):
+            out = orig(deltas)
+            captured.append((f, [d.clone() for d in deltas], [o.clone() for o in out]))
+            return out
 
-    def perform(f, deltas):
-        out = orig(f, deltas)
-        captured.append((f, [d.clone() for d in deltas], [o.clone() for o in out]))
-        return out
-
-    loop.perform = perform
+        frag.perform = perform
     t.train()
     me = t.layout.replica_index
-    names = loop.fragments.fragments[0]
+    names = loop.fragments[0].names
     ffn = 4 * t.args.model.hidden_size
     report = []
     for f, deltas, averaged in captured:
@@ -121,7 +121,7 @@ def _final_sync_worker(rank, world_size, scenarios):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_ppu.config import DiLoCoConfig, PPUConfig
-    from megatron_ppu.diloco import DiLoCo
+    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
     from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
@@ -181,7 +181,7 @@ def _end_state_worker(rank, world_size, argv):
     everyone = [None] * world_size
     dist.all_gather_object(everyone, sd, group=t.layout.replica_group)
     diff = max(float((everyone[0][n] - e[n]).abs().max()) for e in everyone for n in sd)
-    return {"max_replica_diff": diff, "syncs": t.diloco.stats.syncs, "iteration": t.iteration}
+    return {"max_replica_diff": diff, "syncs": t.sync.stats()["syncs"], "iteration": t.iteration}
 
 
 @pytest.mark.timeout(900)
@@ -217,14 +217,14 @@ def _nan_worker(rank, world_size, argv, inject_at):
 
     t._forward_step = forward_step
     skipped = []
-    orig_sync = t.diloco.sync
+    orig_sync = t.sync.sync
 
     def sync(f):
         r = orig_sync(f)
         skipped.append((r.step, r.skipped))
         return r
 
-    t.diloco.sync = sync
+    t.sync.sync = sync
     t.train()
     state_finite = all(bool(torch.isfinite(v).all()) for opt in t.optimizer.chained_optimizers
                        for st in opt.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor))
@@ -284,7 +284,7 @@ def _dist_opt_worker(rank, world_size, argv):
     import torch.distributed as dist
 
     t = _make_trainer(argv)
-    loop, K = t.diloco, t.layout.num_replicas
+    loop, K = t.sync, t.layout.num_replicas
     cfg = loop.config
     theta, _ = _dist_opt_fp32(t)  # θ(0)
     ref = {n: torch.nn.Parameter(v.clone(), requires_grad=False) for n, v in theta.items()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_ppu.ownership import SliceLayout, mlp_fc1_layout, mlp_fc2_layout, qkv_layout
+from megatron_ppu.ownership import SliceLayout, build_ownership_plan, mlp_fc1_layout, mlp_fc2_layout, qkv_layout
 from tests.harness import run_ranks
 
 
@@ -133,17 +133,18 @@ def _grads_worker(rank, world_size, tp, pp, sp):
             torch.testing.assert_close(captured["ppu"], captured["ref"], rtol=1e-5, atol=1e-7)
         ref_params = dict(ref.named_parameters())
         checked_sliced = 0
-        for mod_name, mod in ppu.named_modules():
-            splits = getattr(mod, "ppu_splits", None)
-            if splits:
-                for split in splits.values():
-                    ref_p = ref_params[f"{mod_name}.{split.name}"]
-                    owned, frozen = split.owned_param(mod), split.frozen_param(mod)
-                    assert frozen.grad is None and not frozen.requires_grad
-                    torch.testing.assert_close(owned.grad, split.layout.take_owned(ref_p.grad, split.dim),
-                                               rtol=1e-5, atol=1e-7)
-                    assert ref_p.grad.abs().sum() > 0
-                    checked_sliced += 1
+        # the ownership plan says which tensors hold each full-layout parameter
+        plan = build_ownership_plan(ppu, n_slices, n_slices, slice_index)
+        for name in plan.sliced_names():
+            held = plan.tensors(name)
+            split = held.split
+            ref_p = ref_params[name]
+            owned, frozen = held.parts
+            assert frozen.grad is None and not frozen.requires_grad
+            torch.testing.assert_close(owned.grad, split.layout.take_owned(ref_p.grad, split.dim),
+                                       rtol=1e-5, atol=1e-7)
+            assert ref_p.grad.abs().sum() > 0
+            checked_sliced += 1
         for name, p in ppu.named_parameters():
             if not (name.endswith("_owned") or name.endswith("_frozen")):
                 torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-5, atol=1e-7, msg=name)

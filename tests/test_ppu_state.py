@@ -10,7 +10,8 @@ from tests.harness import run_ranks
 def _state_worker(rank, world_size, variants):
     from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_ppu.optimizer import build_inner_optimizer, measure_state_bytes, predict_state_bytes, wrap_model_ddp
+    from megatron_ppu.optimizer import build_inner_optimizer, wrap_model_ddp
+    from megatron_ppu.testing.accounting import measure_state_bytes, predict_state_bytes
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
     from tests import gpt_utils as G

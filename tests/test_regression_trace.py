@@ -19,11 +19,20 @@ number); this one only says "nothing moved". When a change is *meant* to alter t
 
 and say in the commit why the trace moved.
 
+Bit-identity holds on the machine the trace was recorded on: the float results of the same code
+differ in the last bits between CPUs (the math library picks other kernels for another
+instruction set). The fixture therefore names its machine (CPU model, torch's CPU capability,
+torch version); on that machine the comparison is exact; elsewhere (CI) it allows a relative
+difference of 1e-4 (two CPUs differed by 1.4e-5 after 7 steps), which still catches any change of what is trained (a changed default or
+formula moves the losses by far more), and says so.
+
 The runs share one process group (one launch, about a minute of CPU in all); the traced
 values depend on the run order only through the seeds each run sets, which are the same.
 """
 import json
 import os
+import platform
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,22 +85,42 @@ def _trace():
                    "param_sq_sum_per_rank": [r[name]["param_sq_sum"] for r in res]} for name in RUNS}
 
 
+def _machine() -> dict:
+    """What decides the last bits of the same computation: the CPU and torch's kernels for it."""
+    import torch
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}
+
+
 @pytest.mark.timeout(600)
 def test_runs_are_bit_identical_to_the_recorded_trace():
     got = _trace()
     if os.environ.get("PPU_RECORD_TRACE") == "1":
         FIXTURE.parent.mkdir(exist_ok=True)
-        FIXTURE.write_text(json.dumps(got, indent=1) + "\n")
+        FIXTURE.write_text(json.dumps({"_machine": _machine(), **got}, indent=1) + "\n")
         pytest.skip(f"recorded {FIXTURE}")
     want = json.loads(FIXTURE.read_text())
+    recorded_on = want.pop("_machine", None)
+    exact = recorded_on == _machine()
+    if not exact:
+        warnings.warn(f"regression trace recorded on {recorded_on}, this is {_machine()}: comparing to a relative "
+                      "1e-4 instead of bit for bit")
     assert set(got) == set(want)
     for name in want:
         assert got[name]["argv"] == want[name]["argv"], f"{name}: the test's argv changed; re-record on purpose"
         assert len(want[name]["losses"]) == 7, name
         for key in ("losses", "eval_loss", "param_sq_sum_per_rank"):
-            assert got[name][key] == want[name][key], (
-                f"{name}: {key} moved: {got[name][key]} != recorded {want[name][key]} "
-                f"(as floats: {_floats(got[name][key])} vs {_floats(want[name][key])})")
+            a, b = _floats(got[name][key]), _floats(want[name][key])
+            same = got[name][key] == want[name][key] if exact else all(
+                abs(x - y) <= 1e-4 * abs(y) for x, y in zip(a if isinstance(a, list) else [a],
+                                                             b if isinstance(b, list) else [b]))
+            assert same, f"{name}: {key} moved: {got[name][key]} != recorded {want[name][key]} (as floats: {a} vs {b})"
 
 
 def _floats(v):

@@ -29,7 +29,7 @@ def _trainer(argv):
 
     args = parse_args(argv)
     init_distributed()
-    return Trainer(args)
+    return Trainer.from_args(args)
 
 
 # --------------------------------------------------------------------------- 17.4 seeds per stage

@@ -41,13 +41,9 @@ def test_invalid_subnet_plans_raise(cfg, N, K, L, needle):
 def _full_layout_grads(model, plan):
     """This replica's local gradient of every parameter in Megatron's full layout, zeros where
     it holds nothing."""
-    modules = dict(model.named_modules())
     out = {}
     for name, own in plan.params.items():
-        mod_name, _, attr = name.rpartition(".")
-        module = modules[mod_name]
-        split = getattr(module, "ppu_splits", {}).get(attr)
-        p = split.owned_param(module) if split is not None else getattr(module, attr)
+        p = plan.tensors(name).parts[0]  # the owned part of a sliced weight, else the parameter
         full = torch.zeros(own.shape)
         if p.requires_grad:
             full[own.owned_mask()] = p.main_grad.detach().reshape(-1)
@@ -62,7 +58,8 @@ def _sdp_sync_worker(rank, world_size, plan_name):
     from megatron_ppu.optimizer import wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
-    from megatron_ppu.subnet import SubnetSync, apply_block_plan, block_holders_fn
+    from megatron_ppu.subnet import apply_block_plan, block_holders_fn
+    from megatron_ppu.sync.sdp import SDPSync
     from tests import gpt_utils as G
 
     G.init_parallel()
@@ -92,7 +89,7 @@ def _sdp_sync_worker(rank, world_size, plan_name):
     everyone = [None] * K
     dist.all_gather_object(everyone, (grads, masks))
 
-    sync = SubnetSync(model, plan, layout, holders_fn=holders, lazy=masking == "forward")
+    sync = SDPSync(model, plan, layout, holders_fn=holders, lazy=masking == "forward")
     sent = sync.sync_gradients()
     norm = sync.grad_norm()
     # The clipping norm is the norm of the whole synchronised gradient, each element counted once.
@@ -119,7 +116,7 @@ def _sdp_sync_worker(rank, world_size, plan_name):
         checked += int(not masks[n].all())  # elements this replica does not hold were refreshed
     model_bytes = sum(v.numel() * v.element_size() for v in w0.values())
     return {"checked_not_held": checked, "sent": sent, "ddp": 2 * (K - 1) / K * model_bytes,
-            "stats": vars(sync.stats)}
+            "stats": sync.stats()}
 
 
 @pytest.mark.timeout(900)
@@ -138,7 +135,8 @@ def _skip_worker(rank, world_size):
     from megatron.core.optimizer import OptimizerConfig
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_ppu.optimizer import build_inner_optimizer, measure_state_bytes, predict_state_bytes, wrap_model_ddp
+    from megatron_ppu.optimizer import build_inner_optimizer, wrap_model_ddp
+    from megatron_ppu.testing.accounting import measure_state_bytes, predict_state_bytes
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
     from megatron_ppu.subnet import apply_block_plan

@@ -6,36 +6,12 @@ import sys
 
 import pytest
 
+from tests.conftest import data_flags
 from tests.harness import REPO, RankFailure, run_ranks
 
 MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
          "--micro-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2", "--eval-iters", "2",
          "--log-interval", "4", "--eval-interval", "100"]
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """A small real dataset made with the project's own tools (tokenizer + preprocessing)."""
-    sys.path.insert(0, str(REPO / "tools"))
-    from megatron_ppu.data.default_corpus import write_default_corpus_jsonl
-
-    import preprocess_data
-    import train_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny-data")
-    jsonl = d / "corpus.jsonl"
-    write_default_corpus_jsonl(str(jsonl), max_documents=40)
-    train_tokenizer.main(["--input", str(jsonl), "--output-prefix", str(d / "tok"), "--vocab-size", "500"])
-    preprocess_data.main(["--input", str(jsonl), "--output-prefix", str(d / "tiny"), "--tokenizer-type",
-                          "GPTSentencePieceTokenizer", "--tokenizer-model", str(d / "tok.model"), "--append-eod"])
-    prefix = str(d / "tiny_text_document")
-    assert os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx")
-    return {"prefix": prefix, "model": str(d / "tok.model"), "dir": d}
-
-
-def data_flags(tiny):
-    return ["--data-path", tiny["prefix"], "--tokenizer-type", "GPTSentencePieceTokenizer",
-            "--tokenizer-model", tiny["model"], "--data-cache-path", str(tiny["dir"] / "cache"), "--split", "90,10,0"]
 
 
 def _train_worker(rank, world_size, runs):
@@ -48,7 +24,7 @@ def _train_worker(rank, world_size, runs):
     for argv in runs:
         t = run(argv)
         out.append({"losses": list(t.losses), "eval": t.final_eval, "logger": dist.get_rank() == world_size - 1,
-                    "syncs": t.diloco.stats.syncs if t.diloco else 0})
+                    "syncs": t.sync.stats().get("syncs", 0)})
     return out
 
 

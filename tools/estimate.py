@@ -3,13 +3,17 @@
 
     python tools/estimate.py --paper-table            # the paper's 1.3B table, predicted vs published
     python tools/estimate.py --num-layers 24 --hidden-size 2048 --num-attention-heads 16 \\
-        --seq-length 1024 --micro-batch-size 16 --vocab-size 32000 --bf16 \\
-        --recompute-granularity full --ppu-slices 4 --diloco-replicas 32 \\
-        --diloco-local-steps 100 --diloco-streaming-fragments 9 --bandwidth-gbps 23
+        --seq-length 1024 --micro-batch-size 16 --lr 3e-4 --train-iters 1000 --mock-data \\
+        --vocab-size 32000 --bf16 --recompute-granularity full --recompute-method uniform \\
+        --recompute-num-layers 1 --ppu-slices 4 --diloco-replicas 32 --diloco-local-steps 100 \\
+        --diloco-streaming-fragments 9 --world-size 32 --bandwidth-gbps 23
 
-Model and parallel flags have Megatron's names and defaults; flags this tool does
-not know are listed on stderr and ignored, so a launch script's flags can be
-pasted as they are. The arithmetic and its assumptions are in
+The flags are the trainer's own (``pretrain_gpt_ppu.py``'s parser, with its defaults and its
+validation): a launch script's flags can be pasted as they are, and what the trainer refuses
+(an unknown flag, an inconsistent value) is refused here with the trainer's message. This
+tool adds only its own options (output, world size, bandwidth, time, memory accounting).
+The translation from the parsed settings to the cost model is
+:func:`megatron_ppu.estimate.shape_from_args`; the arithmetic and its assumptions are in
 ``megatron_ppu/estimate.py``; see also docs/cost_model.md.
 """
 from __future__ import annotations
@@ -25,134 +29,67 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from megatron_ppu import estimate as E
 from megatron_ppu.comm import suggested_timeout_minutes
+from megatron_ppu.training.arguments import TrainArgs, build_parser as build_trainer_parser, check_layout, \
+    data_parallel_size, parse_args, replica_count
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--paper-table", action="store_true",
+    """The trainer's parser (every flag of ``pretrain_gpt_ppu.py``, same defaults) plus this tool's options."""
+    p = build_trainer_parser(prog="estimate.py", description=__doc__.split("\n\n")[0])
+    g = p.add_argument_group("estimate.py", "this tool's own options (the rest are the trainer's flags)")
+    g.add_argument("--paper-table", action="store_true",
                    help="print the paper's 1.3B / 32-node table next to the predictions")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-
-    g = p.add_argument_group("model (Megatron flags)")
-    g.add_argument("--num-layers", type=int)
-    g.add_argument("--hidden-size", type=int)
-    g.add_argument("--ffn-hidden-size", type=int)
-    g.add_argument("--num-attention-heads", type=int)
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--num-query-groups", type=int)
-    g.add_argument("--kv-channels", type=int)
-    g.add_argument("--seq-length", type=int, default=1024)
-    g.add_argument("--max-position-embeddings", type=int)
-    g.add_argument("--vocab-size", type=int, default=32000)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
-    g.add_argument("--swiglu", action="store_true")
-    g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope", "none"],
-                   default="learned_absolute")
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--use-flash-attn", action="store_true",
-                   help="fused/flash attention: no s^2 activations stored")
-
-    g = p.add_argument_group("batch, parallelism, precision (Megatron flags)")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int,
-                   help="default: micro-batch x replicas (no gradient accumulation)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"])
-    g.add_argument("--recompute-activations", action="store_true",
-                   help="Megatron's shorthand for --recompute-granularity selective")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true", help="counted like --bf16 (2-byte weights)")
+    g.add_argument("--json", action="store_true", help="machine-readable output")
+    g.add_argument("--world-size", type=int, default=None,
+                   help="ranks of the run (torchrun's nproc x nodes); default: --diloco-replicas (or 1) x TP x PP")
     g.add_argument("--memory-model", choices=["megatron", "paper"], default="megatron",
                    help="megatron: bf16 weights + fp32 master/grads/Adam (with --bf16); "
                         "paper: fp32 weights, bf16 grads, fp32 Adam (reproduces Table 1)")
-    g.add_argument("--grad-dtype", choices=sorted(E.DTYPE_BYTES), help="override the gradient dtype")
-    g.add_argument("--outer-comm-dtype", choices=sorted(E.DTYPE_BYTES),
-                   help="dtype of the outer deltas on the wire")
-
-    g = p.add_argument_group("PPU / DiLoCo")
-    g.add_argument("--ppu-slices", type=int, default=1, help="N (1 = plain DiLoCo)")
-    g.add_argument("--ppu-slice-attention-heads", action="store_true")
-    g.add_argument("--diloco-replicas", type=int, default=1, help="K nodes")
-    g.add_argument("--diloco-local-steps", type=int, default=100, help="H")
-    g.add_argument("--diloco-streaming-fragments", type=int, default=1,
-                   help="F fragments as in pretrain_gpt_ppu.py: with F > 1, one fragment for "
-                        "embeddings/output plus F-1 groups of layers (paper: 9 = 8 groups + 1)")
-    g.add_argument("--ddp", action="store_true",
-                   help="plain DDP: per-step gradient all-reduce, no outer optimizer")
-    g.add_argument("--outer-state-placement", choices=["device", "stream", "host"],
-                   help="default: stream when F > 1, else device")
-    g.add_argument("--snapshot-scope", choices=["trainable", "all"], default="trainable")
-
-    g = p.add_argument_group("time (paper §3.2 / App. B)")
-    g.add_argument("--bandwidth-gbps", type=float,
+    g.add_argument("--grad-dtype", choices=sorted(E.DTYPE_BYTES), default=None, help="override the gradient dtype")
+    g.add_argument("--fused-attention", action="store_true",
+                   help="count fused/flash attention: no s^2 activations stored")
+    g.add_argument("--outer-state-placement", choices=["device", "stream", "host"], default=None,
+                   help="where the outer momentum and snapshot live; default: stream when F > 1, else device")
+    g.add_argument("--snapshot-scope", choices=["trainable", "all"], default="trainable",
+                   help="snapshot theta(t) of the trainable entries only, or of all")
+    g.add_argument("--bandwidth-gbps", type=float, default=None,
                    help="peak per-link bandwidth in gigaBITS per second (23 = the paper's 2.875 GB/s)")
-    g.add_argument("--bandwidth-gbytes", type=float,
+    g.add_argument("--bandwidth-gbytes", type=float, default=None,
                    help="peak per-link bandwidth in gigaBYTES per second (alternative)")
-    g.add_argument("--step-compute-seconds", type=float,
+    g.add_argument("--step-compute-seconds", type=float, default=None,
                    help="measured compute time of one step on one GPU (paper: 0.44 s)")
-    g.add_argument("--peak-tflops", type=float, help="with --mfu: derive the compute time from FLOPs")
-    g.add_argument("--mfu", type=float, default=0.4)
-    g.add_argument("--train-tokens", type=float, help="tokens to train for (time-to-tokens)")
+    g.add_argument("--peak-tflops", type=float, default=None, help="with --mfu: derive the compute time from FLOPs")
+    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for --peak-tflops")
+    g.add_argument("--train-tokens", type=float, default=None, help="tokens to train for (time-to-tokens)")
     return p
 
 
-def config_from_args(a) -> E.EstimateConfig:
-    missing = [f for f in ("num_layers", "hidden_size", "num_attention_heads") if getattr(a, f) is None]
-    if missing:
-        raise ValueError("missing " + ", ".join("--" + m.replace("_", "-") for m in missing)
-                         + " (or use --paper-table)")
-    model = E.ModelShape(
-        num_layers=a.num_layers, hidden_size=a.hidden_size, num_attention_heads=a.num_attention_heads,
-        ffn_hidden_size=a.ffn_hidden_size, num_query_groups=a.num_query_groups,
-        kv_channels=a.kv_channels, vocab_size=a.vocab_size,
-        make_vocab_size_divisible_by=a.make_vocab_size_divisible_by, seq_length=a.seq_length,
-        max_position_embeddings=a.max_position_embeddings,
-        tie_embeddings=not a.untie_embeddings_and_output_weights, swiglu=a.swiglu,
-        add_bias_linear=not a.disable_bias_linear, normalization=a.normalization,
-        position_embedding_type=a.position_embedding_type,
-        dropout=(a.attention_dropout > 0 or a.hidden_dropout > 0), fused_attention=a.use_flash_attn)
-    k = a.diloco_replicas
-    if a.global_batch_size is None:
-        nmb = 1
-    else:
-        per = a.micro_batch_size * k
-        if a.global_batch_size % per:
-            raise ValueError(f"--global-batch-size {a.global_batch_size} is not a multiple of "
-                             f"micro-batch x replicas = {per}")
-        nmb = a.global_batch_size // per
-    recompute = a.recompute_granularity or ("selective" if a.recompute_activations else "none")
-    train = E.TrainShape(micro_batch_size=a.micro_batch_size, num_microbatches=nmb,
-                         tensor_model_parallel_size=a.tensor_model_parallel_size,
-                         pipeline_model_parallel_size=a.pipeline_model_parallel_size,
-                         sequence_parallel=a.sequence_parallel, recompute_granularity=recompute)
-    if a.diloco_streaming_fragments < 1:
-        raise SystemExit("--diloco-streaming-fragments must be >= 1")
-    # The trainer's F counts the embeddings/output fragment; the model's counts layer groups.
-    f = a.diloco_streaming_fragments - 1 if a.diloco_streaming_fragments > 1 else 1
-    ppu = E.PPUShape(slices=a.ppu_slices, slice_attention_heads=a.ppu_slice_attention_heads,
-                     replicas=k, local_steps=a.diloco_local_steps, streaming_fragments=f,
-                     outer_optimizer=not a.ddp,
-                     outer_state_placement=a.outer_state_placement or ("stream" if f > 1 else "device"),
-                     snapshot_scope=a.snapshot_scope)
-    if a.memory_model == "paper":
+def world_size_of(a: TrainArgs) -> int:
+    """``--world-size``, or the smallest world the settings describe: K (or 1) x TP x PP."""
+    if a.extra["world_size"] is not None:
+        return a.extra["world_size"]
+    par = a.parallel
+    return (a.diloco.num_replicas or 1) * par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+
+
+def config_from_args(a: TrainArgs) -> E.EstimateConfig:
+    """The cost model's input for parsed settings (the trainer's rules for K and the layout first)."""
+    x = a.extra
+    world = world_size_of(a)
+    dp = data_parallel_size(a, world)
+    if dp is not None:
+        check_layout(a, replica_count(a, dp), dp)  # what the builder would refuse
+    if x["memory_model"] == "paper":
         prec = E.Precision.paper()
+        if "diloco_allreduce_dtype" in a.explicit_flags:
+            prec = E.Precision(**{**prec.__dict__, "outer_comm_dtype": a.diloco.allreduce_dtype})
     else:
-        prec = E.Precision.megatron(bf16=a.bf16 or a.fp16)
-    overrides = {}
-    if a.grad_dtype:
-        overrides.update(grad_dtype=a.grad_dtype, grad_comm_dtype=a.grad_dtype)
-    if a.outer_comm_dtype:
-        overrides["outer_comm_dtype"] = a.outer_comm_dtype
-    if overrides:
-        prec = E.Precision(**{**prec.__dict__, **overrides})
-    return E.EstimateConfig(model=model, train=train, ppu=ppu, precision=prec)
+        prec = E.Precision.megatron(bf16=a.precision.bf16 or a.precision.fp16)
+        prec = E.Precision(**{**prec.__dict__, "outer_comm_dtype": a.diloco.allreduce_dtype})
+    if x["grad_dtype"]:
+        prec = E.Precision(**{**prec.__dict__, "grad_dtype": x["grad_dtype"], "grad_comm_dtype": x["grad_dtype"]})
+    return E.shape_from_args(a, world, precision=prec, outer_state_placement=x["outer_state_placement"],
+                             snapshot_scope=x["snapshot_scope"], fused_attention=x["fused_attention"])
 
 
 def _gb(x):
@@ -256,13 +193,12 @@ def format_paper_table(rows, comparisons, comm) -> str:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:
-        print("estimate.py: ignoring flags it does not model: " + " ".join(unknown), file=sys.stderr)
     try:
-        if args.paper_table:
+        a = parse_args(argv, parser=parser, world_size=None)  # the trainer's parsing and validation
+        x = a.extra
+        if x["paper_table"]:
             rows, comps, comm = E.paper_table(), E.paper_flops_comparisons(), E.paper_comm_check()
-            if args.json:
+            if x["json"]:
                 print(json.dumps({"rows": [dict(r.__dict__, memory_ratio=r.memory_ratio,
                                                  trainable_ratio=r.trainable_ratio) for r in rows],
                                   "flops_comparisons": [dict(c.__dict__, fewer_percent=c.fewer_percent)
@@ -271,22 +207,21 @@ def main(argv=None) -> int:
             else:
                 print(format_paper_table(rows, comps, comm))
             return 0
-        cfg = config_from_args(args)
+        cfg = config_from_args(a)
         bw = None
-        if args.bandwidth_gbps is not None and args.bandwidth_gbytes is not None:
+        if x["bandwidth_gbps"] is not None and x["bandwidth_gbytes"] is not None:
             raise ValueError("give either --bandwidth-gbps (Gbit/s) or --bandwidth-gbytes (GB/s), not both")
-        if args.bandwidth_gbps is not None:
-            bw = args.bandwidth_gbps * 1e9 / 8
-        elif args.bandwidth_gbytes is not None:
-            bw = args.bandwidth_gbytes * 1e9
-        compute = args.step_compute_seconds
-        if compute is None and args.peak_tflops is not None:
-            compute = E.compute_time_from_flops(cfg, args.peak_tflops * 1e12, args.mfu)
-        est = E.estimate(cfg, bandwidth_bytes_per_s=bw, compute_s_per_step=compute,
-                         tokens=args.train_tokens)
+        if x["bandwidth_gbps"] is not None:
+            bw = x["bandwidth_gbps"] * 1e9 / 8
+        elif x["bandwidth_gbytes"] is not None:
+            bw = x["bandwidth_gbytes"] * 1e9
+        compute = x["step_compute_seconds"]
+        if compute is None and x["peak_tflops"] is not None:
+            compute = E.compute_time_from_flops(cfg, x["peak_tflops"] * 1e12, x["mfu"])
+        est = E.estimate(cfg, bandwidth_bytes_per_s=bw, compute_s_per_step=compute, tokens=x["train_tokens"])
     except ValueError as e:
         parser.error(str(e))
-    if args.json:
+    if x["json"]:
         print(json.dumps(est.as_dict(), indent=2))
     else:
         print(format_estimate(est))

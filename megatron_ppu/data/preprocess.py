@@ -65,6 +65,7 @@ from megatron_ppu.data.tokenizers import (
     TOKENIZER_TYPES,
     TokenizerOptions,
     build_tokenizer,
+    dataclass_from,
     tokenizer_options_from,
 )
 
@@ -84,22 +85,16 @@ logger = logging.getLogger(__name__)
 _BLANK, _DOC, _ERROR = 0, 1, 2
 
 
-@dataclass
-class PreprocessConfig:
+@dataclass(kw_only=True)
+class PreprocessConfig(TokenizerOptions):
     """Settings of :func:`preprocess_data` (the CLI flags of ``tools/preprocess_data.py``).
 
     Attributes:
         input: JSONL file(s) or glob(s) (``.gz`` is decompressed).
         output_prefix: outputs are ``{output_prefix}_{key}_{document|sentence}.bin/.idx``.
-        tokenizer_type: one of :data:`~megatron_ppu.data.tokenizers.TOKENIZER_TYPES`.
-        tokenizer_model: SentencePiece ``.model``, tiktoken vocabulary, or HuggingFace
-            tokenizer folder / ``tokenizer.json``.
-        vocab_size: ``NullTokenizer`` / ``TikTokenizer`` vocabulary size.
-        vocab_file, merge_file, vocab_extra_ids, tokenizer_metadata, tokenizer_special_tokens,
-        legacy_tokenizer, tiktoken_pattern, tiktoken_num_special_tokens,
-        tiktoken_special_tokens, tokenizer_sentencepiece_legacy, tokenizer_hf_use_fast,
-        tokenizer_hf_include_special_tokens, trust_remote_code, padded_vocab_size: Megatron-LM's
-            tokenizer settings (see :class:`~megatron_ppu.data.tokenizers.TokenizerOptions`).
+        tokenizer_type, tokenizer_model, vocab_size, ...: every field of
+            :class:`~megatron_ppu.data.tokenizers.TokenizerOptions` (Megatron-LM's tokenizer
+            settings), with ``tools/preprocess_data.py``'s default tokenizer type.
         json_keys: keys to extract; one output per key.
         split_sentences: split documents into sentences (Punkt); outputs are ``*_sentence``.
         keep_newlines: keep the whitespace (newlines) after each sentence when splitting.
@@ -116,9 +111,7 @@ class PreprocessConfig:
 
     input: Union[str, Sequence[str]]
     output_prefix: str
-    tokenizer_type: str = "GPTSentencePieceTokenizer"
-    tokenizer_model: Optional[str] = None
-    vocab_size: Optional[int] = None
+    tokenizer_type: str = "GPTSentencePieceTokenizer"  # (TokenizerOptions: None) preprocess_data.py's default
     json_keys: Sequence[str] = ("text",)
     split_sentences: bool = False
     keep_newlines: bool = False
@@ -130,20 +123,6 @@ class PreprocessConfig:
     chunksize: int = 32
     skip_malformed: bool = False
     start_method: Optional[str] = None
-    vocab_file: Optional[str] = None
-    merge_file: Optional[str] = None
-    vocab_extra_ids: int = 0
-    tokenizer_metadata: Optional[str] = None
-    tokenizer_special_tokens: Optional[List[str]] = None
-    legacy_tokenizer: bool = False
-    tiktoken_pattern: Optional[str] = None
-    tiktoken_num_special_tokens: int = 1000
-    tiktoken_special_tokens: Optional[List[str]] = None
-    tokenizer_sentencepiece_legacy: bool = False
-    tokenizer_hf_use_fast: bool = False
-    tokenizer_hf_include_special_tokens: bool = False
-    trust_remote_code: bool = False
-    padded_vocab_size: Optional[int] = None
 
     def tokenizer_options(self) -> TokenizerOptions:
         """The tokenizer settings of this run."""
@@ -686,35 +665,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
-    """Turn parsed CLI arguments into a :class:`PreprocessConfig`."""
-    return PreprocessConfig(
-        input=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer_type=args.tokenizer_type,
-        tokenizer_model=args.tokenizer_model,
-        vocab_size=args.vocab_size,
-        json_keys=tuple(args.json_keys),
-        split_sentences=args.split_sentences,
-        keep_newlines=args.keep_newlines,
-        append_eod=args.append_eod,
-        lang=args.lang,
-        workers=args.workers,
-        partitions=args.partitions,
-        log_interval=args.log_interval,
-        chunksize=args.chunksize,
-        skip_malformed=args.skip_malformed,
-        start_method=args.start_method,
-        **{f: getattr(args, f) for f in _TOKENIZER_FLAG_FIELDS},
-    )
-
-
-_TOKENIZER_FLAG_FIELDS = (
-    "vocab_file", "merge_file", "vocab_extra_ids", "tokenizer_metadata",
-    "tokenizer_special_tokens", "legacy_tokenizer", "tiktoken_pattern",
-    "tiktoken_num_special_tokens", "tiktoken_special_tokens", "tokenizer_sentencepiece_legacy",
-    "tokenizer_hf_use_fast", "tokenizer_hf_include_special_tokens", "trust_remote_code",
-    "padded_vocab_size",
-)
+    """Turn parsed CLI arguments (dests = field names) into a :class:`PreprocessConfig`."""
+    return dataclass_from(PreprocessConfig, args, json_keys=tuple(args.json_keys))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> PreprocessReport:

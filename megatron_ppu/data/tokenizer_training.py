@@ -36,6 +36,7 @@ from megatron_ppu.data.inputs import (
     iter_raw_lines,
     parse_json_line,
 )
+from megatron_ppu.data.tokenizers import dataclass_from
 
 __all__ = [
     "TokenizerTrainingError",
@@ -452,28 +453,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TokenizerTrainingConfig:
-    """Turn parsed CLI arguments into a :class:`TokenizerTrainingConfig`."""
-    return TokenizerTrainingConfig(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        vocab_size=args.vocab_size,
-        model_type=args.model_type,
-        json_keys=args.json_keys,
-        input_format=args.input_format,
-        byte_fallback=args.byte_fallback,
-        character_coverage=args.character_coverage,
-        input_sentence_size=args.input_sentence_size,
-        max_sentence_length=args.max_sentence_length,
-        shuffle_input_sentence=args.shuffle_input_sentence,
-        lossless=args.lossless,
-        normalization_rule_name=args.normalization_rule_name,
-        hard_vocab_limit=args.hard_vocab_limit,
-        num_threads=args.num_threads,
-        user_defined_symbols=args.user_defined_symbols,
-        max_documents=args.max_documents,
-        skip_malformed=args.skip_malformed,
-        verbose=args.verbose,
-    )
+    """Turn parsed CLI arguments (dests = field names, ``--input`` = ``inputs``) into a
+    :class:`TokenizerTrainingConfig`."""
+    return dataclass_from(TokenizerTrainingConfig, args, inputs=args.input)
 
 
 def _configure_cli_logging() -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "TOKENIZER_TYPES",
     "MEGATRON_TOKENIZER_TYPES",
     "TokenizerOptions",
+    "dataclass_from",
     "MegatronCoreTokenizer",
     "build_tokenizer",
     "tokenizer_options_from",
@@ -167,20 +168,25 @@ class TokenizerOptions:
     padded_vocab_size: Optional[int] = None
 
 
-def tokenizer_options_from(obj, **overrides) -> TokenizerOptions:
-    """Build :class:`TokenizerOptions` from any object with (some of) its attribute names.
+def dataclass_from(cls, obj, **overrides):
+    """Build the dataclass ``cls`` from any object with (some of) its field names as attributes
+    (the others keep their defaults).
 
     Args:
-        obj: an ``argparse.Namespace``, a dataclass (e.g. the trainer's ``DataArgs`` or
-            :class:`~megatron_ppu.data.preprocess.PreprocessConfig`), or None.
+        cls: a dataclass.
+        obj: an ``argparse.Namespace``, another dataclass (e.g. the trainer's ``DataArgs``), or None.
         overrides: values that replace the object's.
     """
-    values = {}
-    for f in dataclasses.fields(TokenizerOptions):
-        if obj is not None and hasattr(obj, f.name):
-            values[f.name] = getattr(obj, f.name)
+    values = {f.name: getattr(obj, f.name) for f in dataclasses.fields(cls)
+              if f.init and obj is not None and hasattr(obj, f.name)}
     values.update(overrides)
-    return TokenizerOptions(**values)
+    return cls(**values)
+
+
+def tokenizer_options_from(obj, **overrides) -> TokenizerOptions:
+    """:class:`TokenizerOptions` from any object with (some of) its attribute names (e.g. the
+    trainer's ``DataArgs`` or :class:`~megatron_ppu.data.preprocess.PreprocessConfig`)."""
+    return dataclass_from(TokenizerOptions, obj, **overrides)
 
 
 def _id(value) -> int:

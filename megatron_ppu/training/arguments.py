@@ -3,7 +3,11 @@
 Each group of settings is one dataclass; a field's ``metadata`` holds its help text
 (and optionally choices), and the flag is the field name with dashes. Booleans are
 ``store_true`` flags (``store_false`` for a field whose default is True, with Megatron-LM's
-``--no-...`` spelling in the field's ``flag`` metadata), as in Megatron-LM.
+``--no-...`` spelling in the field's ``flag`` metadata), as in Megatron-LM. megatron_ppu's
+own features are the dataclasses of :mod:`megatron_ppu.config` (``PPUConfig``,
+``DiLoCoConfig``, ``SubnetConfig``), used as they are: their fields are the flags
+``--ppu-*``, ``--diloco-*``, ``--subnet-*`` (:func:`megatron_ppu.config.cli_fields`) and their
+defaults are the only ones. Every flag's ``--help`` shows its default.
 
 Every other flag of Megatron-LM's parser is recognised too (:mod:`.megatron_compat`): accepted
 when it cannot change what is trained (each logged once at start-up with the reason) or
@@ -21,12 +25,28 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, get_args, get_origin
 
-from ..config import DiLoCoConfig, PPUConfig, validate_diloco_config, validate_ppu_config
+from ..config import (
+    FEATURES,
+    DiLoCoConfig,
+    PPUConfig,
+    SubnetConfig,
+    check_block_balance,
+    check_replicas_divide_data_parallel,
+    check_slices_divide_replicas,
+    cli_fields,
+    field_flag,  # noqa: F401 (re-exported: the flag of a settings field)
+    validate_diloco_config,
+    validate_ppu_config,
+    validate_subnet_config,
+)
+from .megatron_compat import EXTRA_FLAGS, REFUSED, verdict
+from .megatron_lm_flags import MEGATRON_LM_FLAGS, MEGATRON_LM_TAG
 
 
 def _f(default, help, **extra):
@@ -230,59 +250,27 @@ class CheckpointArgs:
     tensorboard_dir: Optional[str] = _f(None, "Write TensorBoard scalars here.")
     finetune: bool = _f(False, "With --load: load only the model weights (any layout/plan), start at "
                                "iteration 0 with fresh optimizer, DiLoCo and data state.")
+    no_load_optim: Optional[bool] = _f(None, "With --load: do not load the optimizer state and learning-rate schedule "
+                                    "(the inner optimizer, DiLoCo snapshot and outer momentum start fresh from the "
+                                    "loaded weights); weights, iteration and data position are resumed.")
+    no_load_rng: Optional[bool] = _f(None, "With --load: do not restore the random-number generator states.")
+    use_checkpoint_args: bool = _f(False, "Take the model architecture (and tokenizer) flags from the args stored "
+                                          "in the --load checkpoint, as Megatron-LM's load_args_from_checkpoint "
+                                          "does (model sizes where not given, the others always).")
 
 
-@dataclass
-class PPUArgs:
-    """Partial Parameter Updates (see :class:`megatron_ppu.config.PPUConfig`)."""
-
-    ppu_slices: int = _f(1, "N: slices of every MLP (1 = train everything).")
-    ppu_slice_attention_heads: bool = _f(False, "Also slice Q/K/V by head group.")
-    ppu_slice_attention_output: bool = _f(False, "Negative control (paper App. C): also slice W_O by head group.")
-    ppu_detach_frozen_jacobian: bool = _f(False, "Negative control (paper App. D): drop the frozen slices' "
-                                                 "contribution to the input gradient.")
-
-
-@dataclass
-class DiLoCoArgs:
-    """Outer loop (see :class:`megatron_ppu.config.DiLoCoConfig`)."""
-
-    diloco_local_steps: int = _f(50, "H: inner steps per round; 0 = synchronous DDP baseline.")
-    diloco_outer_lr: float = _f(0.4, "Outer Nesterov learning rate (default: the PPU paper's 0.4, as in Streaming "
-                                     "DiLoCo; the original DiLoCo used 0.7).")
-    diloco_outer_momentum: float = _f(0.9, "Outer Nesterov momentum.")
-    diloco_streaming_fragments: int = _f(1, "F: fragments synced at staggered steps, counting the "
-                                            "embeddings/output fragment (paper: 9 = 8 layer groups + 1).")
-    diloco_replicas: Optional[int] = _f(None, "K: replicas; inner DP = DP / K. Default: every DP rank "
-                                              "is a replica.")
-    diloco_allreduce_dtype: str = _f("fp32", "Outer all-reduce payload dtype.", choices=["fp32", "bf16"])
-    diloco_eval_model: str = _f("global", "What evaluation scores: global = the global model (every fragment's "
-                                          "latest synchronised parameters θ(t), the same on every replica: the model "
-                                          "a user ships); local = each replica's local weights, averaged over "
-                                          "replicas (for studies).", choices=["global", "local"])
-
-
-@dataclass
-class SubnetArgs:
-    """Subnetwork data parallelism (see :mod:`megatron_ppu.subnet`)."""
-
-    subnet_plan: str = _f("ppu", "Ownership plan: ppu (MLP slices, backward masking), neurons (MLP slices, "
-                                 "forward masking), blocks (transformer blocks).",
-                          choices=["ppu", "neurons", "blocks"])
-    subnet_masking: str = _f("backward", "backward: full forward, sparse backward; forward: the non-held "
-                                         "part is skipped in the forward too.", choices=["backward", "forward"])
-    subnet_coverage: float = _f(1.0, "Blocks plan: fraction of the transformer blocks each replica holds.")
-    subnet_sync: str = _f("outer", "outer: sync every H steps through DiLoCo; step: SDP, gradients averaged "
-                                   "over each parameter's holders every step.", choices=["outer", "step"])
-
-
-GROUPS = [ModelArgs, TrainingArgs, PrecisionArgs, ParallelArgs, DataArgs, CheckpointArgs, PPUArgs, DiLoCoArgs,
-          SubnetArgs]
+#: Megatron-LM's flag groups (their fields are the flags, no prefix).
+MEGATRON_GROUPS = [ModelArgs, TrainingArgs, PrecisionArgs, ParallelArgs, DataArgs, CheckpointArgs]
+#: Every settings dataclass, in the order of ``--help``: Megatron-LM's groups, then megatron_ppu's features.
+GROUPS = MEGATRON_GROUPS + FEATURES
+#: The attribute of :class:`TrainArgs` holding each group.
+GROUP_ATTR = dict(zip(GROUPS, ("model", "training", "precision", "parallel", "data", "checkpoint",
+                               "ppu", "diloco", "subnet")))
 
 
 @dataclass
 class TrainArgs:
-    """All settings of one training run."""
+    """All settings of one training run: Megatron-LM's groups and megatron_ppu's feature configs."""
 
     model: ModelArgs
     training: TrainingArgs
@@ -290,42 +278,39 @@ class TrainArgs:
     parallel: ParallelArgs
     data: DataArgs
     checkpoint: CheckpointArgs
-    ppu_args: PPUArgs
-    diloco_args: DiLoCoArgs
-    subnet_args: SubnetArgs
+    ppu: PPUConfig
+    diloco: DiLoCoConfig
+    subnet: SubnetConfig
     explicit_flags: frozenset = frozenset()
     #: Megatron-LM flags given that have no effect here: (flag, value, why), logged once at start-up.
     accepted: tuple = ()
     #: Whether the embedded default run's values (:data:`EMBEDDED_DEFAULT`) were applied.
     embedded_default: bool = False
-
-    def ppu(self) -> PPUConfig:
-        p = self.ppu_args
-        return PPUConfig(p.ppu_slices, p.ppu_slice_attention_heads, p.ppu_slice_attention_output,
-                         "detach" if p.ppu_detach_frozen_jacobian else "full",
-                         mlp_forward_masking=self.subnet_args.subnet_plan == "neurons")
-
-    def subnet(self):
-        from ..subnet import SubnetConfig
-
-        s = self.subnet_args
-        return SubnetConfig(plan=s.subnet_plan, masking=s.subnet_masking, coverage=s.subnet_coverage,
-                            sync=s.subnet_sync, seed=self.training.seed)
+    #: Values of options a caller's parser added (``build_parser(extra=...)``): dest -> value.
+    extra: dict = field(default_factory=dict)
 
     @property
     def uses_replicas(self) -> bool:
         """Whether DP ranks form replicas (DiLoCo outer loop or per-step SDP) rather than plain DDP."""
-        return self.diloco_args.diloco_local_steps > 0 or self.subnet_args.subnet_sync == "step"
+        return self.diloco.local_steps > 0 or self.subnet.sync == "step"
 
-    def diloco(self, num_replicas: int) -> DiLoCoConfig:
-        d = self.diloco_args
-        return DiLoCoConfig(local_steps=d.diloco_local_steps, outer_lr=d.diloco_outer_lr,
-                            outer_momentum=d.diloco_outer_momentum, nesterov=True,
-                            num_replicas=num_replicas, streaming_fragments=d.diloco_streaming_fragments,
-                            allreduce_dtype=d.diloco_allreduce_dtype)
+    def flag_values(self, group) -> Dict[str, object]:
+        """``dest -> value`` of the flags of ``group`` (a settings dataclass instance), as the
+        command line gives them (``--ppu-detach-frozen-jacobian``: True/False): the names
+        Megatron-LM-style checkpoint args store."""
+        out = {}
+        for f, _, dest in cli_fields(type(group)):
+            v = getattr(group, f.name)
+            out[dest] = (v == f.metadata["const"]) if "const" in f.metadata else v
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def ffn_hidden_size(m: ModelArgs) -> int:
+    """Megatron-LM's default MLP width (validate_args): 4h, with SwiGLU int(8h/3 / 64) x 64."""
+    return m.ffn_hidden_size or (int((4 * m.hidden_size * 2 / 3) / 64) * 64 if m.swiglu else 4 * m.hidden_size)
 
 
 def _base_type(tp):
@@ -361,25 +346,28 @@ _UNSET = object()
 _MEGATRON_DEST = "megatron_lm_flag:"
 
 
-def field_flag(f: dataclasses.Field) -> str:
-    """The command-line flag of a dataclass field (Megatron-LM's spelling)."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def implemented_flags() -> dict:
-    """flag -> help text for every flag that is a field of the argument dataclasses."""
-    return {field_flag(f): f.metadata["help"] for cls in GROUPS for f in dataclasses.fields(cls)}
+    """flag -> help text for every flag that is a field of the settings dataclasses."""
+    return {flag: f.metadata["help"] for cls in GROUPS for f, flag, _ in cli_fields(cls)}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """argparse parser with one flag per dataclass field, plus every other Megatron-LM flag
-    (hidden, collected so that each is accepted or refused by name, never "unrecognized")."""
-    from .megatron_compat import EXTRA_FLAGS
-    from .megatron_lm_flags import MEGATRON_LM_FLAGS, MEGATRON_LM_TAG
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """``--help`` with every flag's default (argparse's ``(default: ...)``) and the description as written."""
 
+
+#: The trainer's parser's settings (``build_parser``'s defaults).
+TRAINER_PROG = "pretrain_gpt_ppu.py"
+TRAINER_DESCRIPTION = "Megatron-Core GPT pre-training with DiLoCo and Partial Parameter Updates."
+
+
+def build_parser(prog: str = TRAINER_PROG, description: str = TRAINER_DESCRIPTION) -> argparse.ArgumentParser:
+    """argparse parser with one flag per settings field, plus every other Megatron-LM flag
+    (hidden, collected so that each is accepted or refused by name, never "unrecognized").
+
+    Another CLI (``tools/estimate.py``) takes this parser and adds its own options to it; their
+    values come back in :attr:`TrainArgs.extra` from :func:`parse_args`."""
     p = argparse.ArgumentParser(
-        prog="pretrain_gpt_ppu.py",
-        description="Megatron-Core GPT pre-training with DiLoCo and Partial Parameter Updates.",
+        prog=prog, description=description, formatter_class=HelpFormatter,
         epilog=f"Every other Megatron-LM ({MEGATRON_LM_TAG}) flag is recognised: accepted when it cannot change "
                "what is trained (logged at start-up) or refused with the feature it needs; see docs/flags.md.",
         allow_abbrev=False,
@@ -387,10 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     for cls in GROUPS:
         g = p.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            flag = field_flag(f)
+        for f, flag, dest in cli_fields(cls):
             tp = _base_type(hints[f.name])
-            kw = {"dest": f.name, "help": f.metadata["help"], "default": f.default}
+            kw = {"dest": dest, "help": f.metadata["help"].replace("%", "%%"), "default": f.default}
+            if "const" in f.metadata:
+                g.add_argument(flag, action="store_const", const=f.metadata["const"], **kw)
+                continue
             if tp is bool:
                 g.add_argument(flag, action="store_false" if f.default else "store_true", **kw)
                 continue
@@ -423,8 +413,6 @@ def _field_value_refusals(values: dict) -> List[tuple]:
                     "Transformer Engine layers: megatron_ppu's partial (PPU) layers exist only for megatron-core's "
                     "local layers (--transformer-impl local: the same model, unfused kernels)"))
     if values.get("fp8_format") is not None:
-        from .megatron_compat import REFUSED
-
         out.append(("--fp8-format", values["fp8_format"], REFUSED["--fp8-format"]))
     if values["attention_backend"] in ("flash", "fused"):
         out.append(("--attention-backend", values["attention_backend"],
@@ -433,12 +421,22 @@ def _field_value_refusals(values: dict) -> List[tuple]:
     return out
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
-    """Parse ``argv``; raise ``ValueError`` for unknown flags and inconsistent values."""
-    from .megatron_compat import verdict
-    from .megatron_lm_flags import MEGATRON_LM_TAG
+def _world_size_from_env() -> Optional[int]:
+    """``WORLD_SIZE`` of a torchrun / local-ranks launch (Megatron-LM's validate_args reads it
+    too); None when not launched as ranks."""
+    w = os.environ.get("WORLD_SIZE")
+    return int(w) if w else None
 
-    parser = build_parser()
+
+def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argparse.ArgumentParser] = None,
+               world_size: Optional[int] = None) -> TrainArgs:
+    """Parse ``argv`` with the trainer's parser (or ``parser``, one made by :func:`build_parser`
+    with a caller's options added); raise ``ValueError`` for unknown flags and inconsistent values.
+
+    ``world_size``: the number of ranks the run will have (default: ``WORLD_SIZE`` when set);
+    with it every setting is validated here, including the rules that need the replica count;
+    without it those wait for :func:`check_layout` at build time."""
+    parser = parser or build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     ns, unknown = parser.parse_known_args(argv)
     values = vars(ns)
@@ -467,6 +465,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
     dest_of = {o: a.dest for o, a in parser._option_string_actions.items()}
     explicit = frozenset(dest_of.get(a.split("=")[0], a.split("=")[0][2:].replace("-", "_"))
                          for a in argv if a.startswith("--"))
+    if values["use_checkpoint_args"]:
+        if not values["load"]:
+            raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint to take the model flags from).")
+        from .checkpointing import apply_checkpoint_args
+
+        from_ckpt, desc = apply_checkpoint_args(values, values["load"])
+        explicit = explicit | frozenset(from_ckpt)  # the checkpoint's model: not the embedded default run
+        accepted.append(("--use-checkpoint-args", True, desc))
     model_fields = {f.name for f in dataclasses.fields(ModelArgs)} - set(IMPLEMENTATION_FLAGS)
     embedded = not (explicit & (set(DATA_FLAGS) | model_fields))
     if embedded:
@@ -481,15 +487,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainArgs:
         values["sequence_parallel"] = False
         accepted.append(("--sequence-parallel", True, "no effect with --tensor-model-parallel-size 1 "
                                                       "(Megatron-LM disables it too)"))
-    groups = {cls: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) for cls in GROUPS}
-    args = TrainArgs(*groups.values(), explicit_flags=explicit, accepted=tuple(accepted), embedded_default=embedded)
-    validate_args(args)
+    groups = {cls: {f.name: values.pop(dest) for f, _, dest in cli_fields(cls)} for cls in GROUPS}
+    training = TrainingArgs(**groups[TrainingArgs])
+    subnet = SubnetConfig(**groups[SubnetConfig], seed=training.seed)  # the block assignment's seed is --seed
+    ppu = PPUConfig(**groups[PPUConfig], mlp_forward_masking=subnet.plan == "neurons")
+    args = TrainArgs(model=ModelArgs(**groups[ModelArgs]), training=training,
+                     precision=PrecisionArgs(**groups[PrecisionArgs]), parallel=ParallelArgs(**groups[ParallelArgs]),
+                     data=DataArgs(**groups[DataArgs]), checkpoint=CheckpointArgs(**groups[CheckpointArgs]),
+                     ppu=ppu, diloco=DiLoCoConfig(**groups[DiLoCoConfig]), subnet=subnet,
+                     explicit_flags=explicit, accepted=tuple(accepted), embedded_default=embedded,
+                     extra=values)  # what is left: the options a caller's parser added
+    validate_args(args, world_size=world_size if world_size is not None else _world_size_from_env())
     return args
 
 
-_GROUP_OF = {f.name: g for g, cls in zip(("model", "training", "precision", "parallel", "data", "checkpoint",
-                                             "ppu_args", "diloco_args", "subnet_args"), GROUPS)
-             for f in dataclasses.fields(cls)}
+_GROUP_OF = {f.name: GROUP_ATTR[cls] for cls in MEGATRON_GROUPS for f in dataclasses.fields(cls)}
 
 
 def _validate_schedule(t: TrainingArgs) -> None:
@@ -523,6 +535,17 @@ def _validate_schedule(t: TrainingArgs) -> None:
                          "exclusive (take the schedule from the checkpoint, or from the flags).")
 
 
+def batch_schedule(t: TrainingArgs, data_parallel_size: int) -> tuple:
+    """``(global batch, micro-batches per rank and step)`` on ``data_parallel_size`` DP ranks
+    (Megatron-LM's: the global batch defaults to micro-batch x DP)."""
+    dp = data_parallel_size
+    gbs = t.global_batch_size or t.micro_batch_size * dp
+    if gbs % (t.micro_batch_size * dp):
+        raise ValueError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                         f"{t.micro_batch_size} x data-parallel size {dp}.")
+    return gbs, gbs // (t.micro_batch_size * dp)
+
+
 def lr_schedule(t: TrainingArgs, global_batch_size: int) -> Dict[str, float]:
     """Iterations to train and the learning-rate schedule in iterations, with Megatron-LM's meanings.
 
@@ -550,8 +573,36 @@ def lr_schedule(t: TrainingArgs, global_batch_size: int) -> Dict[str, float]:
     return {"train_iters": train_iters, "warmup_steps": warmup, "decay_steps": decay}
 
 
-def validate_args(a: TrainArgs) -> None:
-    """Cross-field checks that need no process groups (the rest happen at set-up)."""
+def replica_count(a: TrainArgs, data_parallel_size: Optional[int]) -> Optional[int]:
+    """K: the replicas DP ranks form (``--diloco-replicas``, default every DP rank; 1 for plain
+    DDP); None when it depends on a data-parallel size not known yet."""
+    if not a.uses_replicas:
+        return 1
+    return a.diloco.num_replicas or data_parallel_size
+
+
+def data_parallel_size(a: TrainArgs, world_size: Optional[int]) -> Optional[int]:
+    """World size / (TP x PP); None when the world size is unknown or not a multiple (the
+    builder refuses the latter with the launch fix)."""
+    mp = a.parallel.tensor_model_parallel_size * a.parallel.pipeline_model_parallel_size
+    return world_size // mp if world_size is not None and world_size % mp == 0 else None
+
+
+def check_layout(a: TrainArgs, num_replicas: int, dp: int) -> None:
+    """The rules that need the replica count K and the data-parallel size, at build time (the
+    same functions :func:`validate_args` calls when the world size is known at parse time)."""
+    if a.uses_replicas and a.diloco.num_replicas is not None:
+        check_replicas_divide_data_parallel(a.diloco.num_replicas, dp)
+    check_slices_divide_replicas(a.ppu.num_slices, num_replicas)
+    if a.subnet.plan == "blocks":
+        check_block_balance(num_replicas, a.model.num_layers, a.subnet.coverage)
+
+
+def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
+    """Every check that needs no process groups, once, at parse time: Megatron-LM's cross-field
+    rules, then one ``validate_*`` function per feature (:mod:`megatron_ppu.config`). With
+    ``world_size`` the replica-count rules run too; without it :func:`check_layout` runs them
+    at build time."""
     m, t, pr, par, d = a.model, a.training, a.precision, a.parallel, a.data
     missing = [n for n in REQUIRED if getattr(getattr(a, _GROUP_OF[n]), n) is None]
     if t.train_iters is None and t.train_samples is None:
@@ -630,27 +681,30 @@ def validate_args(a: TrainArgs) -> None:
     for name in ("eval_interval", "log_interval"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
-    ppu, dl, sn = a.ppu(), a.diloco_args, a.subnet_args
-    if sn.subnet_sync == "step" and a.precision.fp16:
+    ppu, dl, sn = a.ppu, a.diloco, a.subnet
+    if sn.sync == "step" and a.precision.fp16:
         raise ValueError("--subnet-sync step does not support --fp16 (its loss scaling is per replica); "
                          "use --bf16.")
-    if sn.subnet_sync == "step":
-        unused = sorted(f for f in ("diloco_local_steps", "diloco_outer_lr", "diloco_outer_momentum",
-                                    "diloco_streaming_fragments", "diloco_allreduce_dtype", "diloco_eval_model")
-                        if f in a.explicit_flags)
+    if sn.sync == "step":
+        outer = [dest for f, _, dest in cli_fields(DiLoCoConfig) if f.name != "num_replicas"]
+        unused = sorted(f for f in outer if f in a.explicit_flags)
         if unused:
             raise ValueError(f"--subnet-sync step synchronises every step without the outer optimizer, so "
                              f"{', '.join('--' + u.replace('_', '-') for u in unused)} would be ignored; "
                              f"drop them or use --subnet-sync outer.")
-    elif ppu.enabled and dl.diloco_local_steps == 0:
+    elif ppu.enabled and dl.local_steps == 0:
         raise ValueError("--ppu-slices > 1 needs the DiLoCo outer loop (--diloco-local-steps > 0): with "
                          "per-step gradient all-reduce the frozen slices would never be updated.")
-    if sn.subnet_plan != "ppu" and not a.uses_replicas:
-        raise ValueError(f"--subnet-plan {sn.subnet_plan} needs replicas: --diloco-local-steps > 0 or "
+    if sn.plan != "ppu" and not a.uses_replicas:
+        raise ValueError(f"--subnet-plan {sn.plan} needs replicas: --diloco-local-steps > 0 or "
                          "--subnet-sync step.")
-    if not a.uses_replicas and dl.diloco_replicas not in (None, 1):
+    if not a.uses_replicas and dl.num_replicas not in (None, 1):
         raise ValueError("--diloco-replicas needs --diloco-local-steps > 0 (synchronous DDP has one replica).")
-    validate_diloco_config(a.diloco(dl.diloco_replicas or 1))
-    if ppu.num_slices < 1 or (ppu.num_slices == 1 and (ppu.slice_attention_heads or ppu.slice_attention_output
-                                                          or ppu.frozen_input_jacobian != "full")):
-        validate_ppu_config(ppu, num_replicas=1, ffn_hidden_size=1, num_attention_heads=1, num_query_groups=None)
+    dp = data_parallel_size(a, world_size)
+    k = replica_count(a, dp)
+    validate_diloco_config(dl, data_parallel_size=dp if a.uses_replicas else None)
+    validate_subnet_config(sn, num_slices=ppu.num_slices, num_replicas=k, num_layers=m.num_layers)
+    validate_ppu_config(ppu, num_replicas=k, ffn_hidden_size=ffn_hidden_size(m),
+                        num_attention_heads=m.num_attention_heads,
+                        num_query_groups=m.num_query_groups if m.group_query_attention else None,
+                        tensor_model_parallel_size=par.tensor_model_parallel_size)

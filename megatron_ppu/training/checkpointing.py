@@ -76,6 +76,7 @@ probe retries for a few seconds before it decides.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -144,6 +145,156 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+# -- Megatron-LM's own entries (common.pt, sharded state), both ways ---------------------------------
+#: Megatron-LM's ``checkpoint_version`` of its torch_dist checkpoints (megatron/training/checkpointing.py).
+MEGATRON_CHECKPOINT_VERSION = 3.0
+RELEASE = "release"
+
+
+def _megatron_default(dest: str, value):
+    """Megatron-LM's parser default, with the two enum defaults the flag table stores as strings."""
+    if dest == "attention_backend":
+        from megatron.core.transformer.enums import AttnBackend
+
+        return AttnBackend.auto
+    if dest == "exit_signal":
+        import signal
+
+        return signal.SIGTERM
+    return value
+
+
+def megatron_lm_args(train_args, *, world_size: int, data_parallel_size: int, padded_vocab_size: int,
+                     ffn_hidden_size: int, iteration: int, consumed_train_samples: int, global_batch_size: int,
+                     train_iters: int, tokenizer_type: Optional[str] = None, tokenizer_model: Optional[str] = None,
+                     saves_optimizer: bool = False, saves_rng: bool = False) -> argparse.Namespace:
+    """The ``args`` of a checkpoint, as Megatron-LM stores them in ``common.pt``: an
+    ``argparse.Namespace`` holding every dest of Megatron-LM's parser (core_v0.16.1) with its
+    default, overridden by this run's values and by what Megatron-LM's ``validate_args`` derives
+    (``ffn_hidden_size``, ``kv_channels``, ``padded_vocab_size``, ``params_dtype``, the parallel
+    sizes, ``consumed_train_samples``, ...). megatron_ppu's own settings (``ppu_slices``,
+    ``diloco_*``, ``subnet_*``) are kept as extra attributes.
+
+    ``saves_optimizer``/``saves_rng`` False set Megatron-LM's markers ``no_save_optim`` /
+    ``no_save_rng``: Megatron-LM's ``load_checkpoint`` then does not look for optimizer
+    (sharded state) or RNG entries.
+    """
+    from .megatron_lm_flags import MEGATRON_LM_FLAGS
+
+    ns = argparse.Namespace(**{dest: _megatron_default(dest, default)
+                               for dest, _, _, default in MEGATRON_LM_FLAGS.values()})
+    a = train_args
+    for group in (a.model, a.training, a.precision, a.parallel, a.data, a.checkpoint, a.ppu, a.diloco, a.subnet):
+        for k, v in a.flag_values(group).items():
+            setattr(ns, k, v)
+    m = a.model
+    ns.disable_bias_linear = m.disable_bias_linear
+    ns.add_bias_linear = not m.disable_bias_linear
+    ns.add_qkv_bias = not m.disable_bias_linear  # validate_args keeps it in sync with add_bias_linear
+    ns.layernorm_epsilon = m.norm_epsilon
+    del ns.norm_epsilon
+    ns.ffn_hidden_size = ffn_hidden_size
+    ns.kv_channels = m.kv_channels or m.hidden_size // m.num_attention_heads
+    ns.max_position_embeddings = m.max_position_embeddings or m.seq_length
+    ns.num_query_groups = m.num_query_groups if m.group_query_attention else m.num_attention_heads
+    from megatron.core.transformer.enums import AttnBackend
+
+    # The run's value (auto / unfused / local all run megatron-core's local attention here): Megatron-LM's
+    # validate_args refuses AttnBackend.local without a local --spec, and convert.py copies these args.
+    ns.attention_backend = AttnBackend[a.model.attention_backend]
+    ns.padded_vocab_size = padded_vocab_size
+    ns.params_dtype = torch.bfloat16 if a.precision.bf16 else torch.half if a.precision.fp16 else torch.float
+    ns.world_size = world_size
+    ns.data_parallel_size = data_parallel_size
+    ns.global_batch_size = global_batch_size
+    ns.train_iters = train_iters
+    ns.iteration = iteration
+    ns.consumed_train_samples = consumed_train_samples
+    ns.skipped_train_samples = 0
+    ns.consumed_valid_samples = 0
+    ns.ckpt_format = "torch_dist"
+    ns.use_dist_ckpt = True
+    ns.transformer_impl = "local"
+    ns.use_legacy_models = False
+    ns.use_mcore_models = True
+    ns.tokenizer_type = tokenizer_type or a.data.tokenizer_type
+    ns.tokenizer_model = tokenizer_model or a.data.tokenizer_model
+    ns.no_save_optim = True if not saves_optimizer else None
+    ns.no_save_rng = True if not saves_rng else None
+    return ns
+
+
+def megatron_rng_state(tp_group, pp_group, dp_group):
+    """Megatron-LM's ``rng_state`` entry of a torch_dist checkpoint (its ``get_rng_state``,
+    without ``--data-parallel-random-init``): a ``ShardedObject`` over (PP, TP) written by
+    data-parallel rank 0, holding ``[{random, np, torch, cuda, tracker states}]``. None
+    without CUDA: Megatron-LM restores ``cuda_rng_state`` with ``torch.cuda.set_rng_state``,
+    so a CPU run cannot produce an entry it reads (the checkpoint's args then carry
+    ``no_save_rng``)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    if not torch.cuda.is_available():
+        return None
+    state = {"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.cuda.get_rng_state(),
+             "rng_tracker_states": get_cuda_rng_tracker().get_states()}
+    return ShardedObject("rng_state", [state], (dist.get_world_size(pp_group), dist.get_world_size(tp_group)),
+                         (dist.get_rank(pp_group), dist.get_rank(tp_group)), replica_id=dist.get_rank(dp_group))
+
+
+def _optimizer_metadata(use_distributed_optimizer: bool, dp_group) -> dict:
+    """Megatron-LM's ``_build_sharded_state_dict_metadata`` (``--dist-ckpt-optim-fully-reshardable``:
+    the one distributed-optimizer sharding that works without TE/apex)."""
+    md = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True, "dp_cp_group": dp_group}
+    if use_distributed_optimizer:
+        md.update(distrib_optim_sharding_type="fully_reshardable", distrib_optim_fully_reshardable_mem_efficient=False)
+    return md
+
+
+def _serialisable(md: Optional[dict]) -> Optional[dict]:
+    return None if md is None else {k: v for k, v in md.items() if k != "dp_cp_group"}
+
+
+def megatron_lm_entries(trainer) -> dict:
+    """What a checkpoint of ``trainer`` (a :class:`~megatron_ppu.training.loop.Trainer`) adds for
+    Megatron-LM: ``{"state": top-level entries for dist_checkpointing.save, "content_metadata": ...}``.
+
+    * ``args`` (:func:`megatron_lm_args`), ``checkpoint_version``, ``iteration`` (already there),
+      ``num_floating_point_operations_so_far`` (Megatron-LM's dense-GPT formula x iterations);
+    * a plain synchronous run (no replicas: its inner optimizer *is* Megatron's optimizer over every
+      parameter): ``optimizer`` (Megatron's sharded optimizer state) and ``opt_param_scheduler``,
+      so Megatron-LM resumes it exactly as its own;
+    * runs with replicas (DiLoCo/PPU/SDP): their optimizer state (per-replica inner Adam over the
+      owned slices, outer momentum) has no Megatron-LM equivalent: ``args.no_save_optim`` marks the
+      checkpoint weights-only for the optimizer;
+    * ``rng_state`` where Megatron-LM can restore it (CUDA), else ``args.no_save_rng``.
+    """
+    from megatron.core import parallel_state as ps
+
+    a = trainer.args
+    # (--use-distributed-optimizer: Megatron's sharded form of its state fails in save on CPU without
+    # TE/apex, seen in tests/test_checkpoint_fs.py; marked weights-only until that path is fixed)
+    with_optim = not a.uses_replicas and not a.parallel.use_distributed_optimizer
+    dp_group = ps.get_data_parallel_group()
+    rng = megatron_rng_state(ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group(), dp_group)
+    ffn = trainer.config.ffn_hidden_size
+    ns = megatron_lm_args(
+        a, world_size=dist.get_world_size(), data_parallel_size=trainer.dp, padded_vocab_size=trainer.vocab_size,
+        ffn_hidden_size=ffn, iteration=trainer.iteration, consumed_train_samples=trainer.batches.consumed_samples,
+        global_batch_size=trainer.global_batch_size, train_iters=a.training.train_iters,
+        saves_optimizer=with_optim, saves_rng=rng is not None)
+    state = {"args": ns, "checkpoint_version": MEGATRON_CHECKPOINT_VERSION,
+             "num_floating_point_operations_so_far": trainer.flops_per_iteration * trainer.iteration}
+    md = _optimizer_metadata(a.parallel.use_distributed_optimizer, dp_group)
+    if rng is not None:
+        state["rng_state"] = rng
+    if with_optim:
+        state["opt_param_scheduler"] = scheduler_to_samples(trainer.scheduler.state_dict(), trainer.global_batch_size)
+    return {"state": state, "content_metadata": _serialisable(md), "optimizer_metadata": md,
+            "optimizer": trainer.optimizer if with_optim else None}
 
 
 # -- which ranks see the same folder -----------------------------------------------------
@@ -437,12 +588,15 @@ def _rank_files_bytes(folder: str, rank: int) -> int:
 
 
 def save_checkpoint(save_dir: str, iteration: int, model, run_info: dict, rank_state: dict, *,
-                    views: Optional[StorageViews] = None, replica_state=None, replica_group=None) -> dict:
+                    views: Optional[StorageViews] = None, replica_state=None, replica_group=None,
+                    megatron: Optional[dict] = None) -> dict:
     """Collective: write a complete checkpoint for ``iteration`` and point the tracker at it.
 
     ``rank_state`` is this rank's own state; ``replica_state`` (identical on the ranks of
     ``replica_group``) is written split over them (see :func:`shard_state`). ``views``
     (from :func:`probe_views`; probed here when None) says which ranks share a folder.
+    ``megatron`` (from :func:`megatron_lm_entries`) adds Megatron-LM's own entries (``args``,
+    ``rng_state``, ``optimizer``, ``opt_param_scheduler``, ...) to the model part.
     Returns ``{"path", "rank_bytes", "total_bytes"}``.
     """
     from megatron.core import dist_checkpointing
@@ -460,8 +614,14 @@ def save_checkpoint(save_dir: str, iteration: int, model, run_info: dict, rank_s
         os.makedirs(tmp, exist_ok=True)  # every rank creates what it writes (node-local disks)
         # ppu/ only after the model part: dist_checkpointing warns about an old incomplete
         # checkpoint when the folder it is given is not empty.
-        dist_checkpointing.save({"model": model.sharded_state_dict(), "iteration": iteration,
-                                 "checkpoint_version": 3.0}, tmp)
+        sd = {"model": model.sharded_state_dict(), "iteration": iteration,
+              "checkpoint_version": MEGATRON_CHECKPOINT_VERSION}
+        megatron = megatron or {}
+        sd.update(megatron.get("state", {}))
+        if megatron.get("optimizer") is not None:  # Megatron's sharded optimizer state, keyed by the model's
+            sd["optimizer"] = megatron["optimizer"].sharded_state_dict(
+                sd, is_loading=False, metadata=megatron["optimizer_metadata"])
+        dist_checkpointing.save(sd, tmp, content_metadata=megatron.get("content_metadata"))
         nbytes += _rank_files_bytes(tmp, rank)
         os.makedirs(os.path.join(tmp, "ppu"), exist_ok=True)
         state = {"format_version": FORMAT_VERSION, "save_nonce": nonce[0], "rank": rank_state,
@@ -519,28 +679,51 @@ def _save_nonce(path: str) -> Optional[str]:
 
 
 # -- loading --------------------------------------------------------------------------------------
+def is_complete(path: str) -> bool:
+    """Whether ``path`` is a complete checkpoint: megatron_ppu's (``ppu/run.json``, written last)
+    or Megatron-LM's torch_dist one (``metadata.json``, which dist_checkpointing writes after
+    every shard, and ``common.pt``)."""
+    return os.path.isfile(os.path.join(path, "ppu", "run.json")) or (
+        os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, "common.pt")))
+
+
+def is_ours(path: str) -> bool:
+    """Whether the checkpoint at ``path`` has megatron_ppu's ``ppu/`` part (else it is Megatron-LM's)."""
+    return os.path.isfile(os.path.join(path, "ppu", "run.json"))
+
+
 def find_checkpoint(load_dir: str) -> Optional[str]:
     """The complete checkpoint in ``load_dir`` (this rank's view), or None if the folder is
-    absent or holds no checkpoint. Raises ``CheckpointError`` for a tracker that points at a
-    missing folder or holds no iteration, and for ``iter_*`` folders none of which is complete."""
+    absent or holds no checkpoint.
+
+    As Megatron-LM: the tracker file names the iteration (``iter_NNNNNNN``) or ``release``
+    (the ``release/`` folder). Without a tracker, the newest complete ``iter_*`` (a Megatron-LM
+    run whose tracker was lost, or a copied folder). A checkpoint is megatron_ppu's or
+    Megatron-LM's (:func:`is_complete`). Raises ``CheckpointError`` for a tracker that points at
+    a missing or incomplete folder or holds neither, and for ``iter_*`` folders none of which is
+    complete."""
     if not os.path.isdir(load_dir):
         return None
     tracker = os.path.join(load_dir, TRACKER)
     if os.path.isfile(tracker):
         text = open(tracker, encoding="utf-8").read().strip()
-        if not text.isdigit():
-            raise CheckpointError(f"{tracker} does not contain an iteration number ({text!r}); remove it "
-                                  f"to fall back to the newest complete iter_* directory.")
-        path = os.path.join(load_dir, iter_dir_name(int(text)))
-        if not os.path.isfile(os.path.join(path, "ppu", "run.json")):
-            raise CheckpointError(f"{tracker} points at {path}, which is missing or incomplete.")
+        if not text.isdigit() and text != RELEASE:
+            raise CheckpointError(f"{tracker} contains neither an iteration number nor 'release' ({text!r}); "
+                                  f"remove it to fall back to the newest complete iter_* directory.")
+        path = os.path.join(load_dir, RELEASE if text == RELEASE else iter_dir_name(int(text)))
+        if not is_complete(path):
+            raise CheckpointError(f"{tracker} points at {path}, which is missing or incomplete (neither "
+                                  f"megatron_ppu's ppu/run.json nor a torch_dist checkpoint's metadata.json + "
+                                  f"common.pt); point the tracker at a complete checkpoint, or remove it to "
+                                  f"fall back to the newest complete iter_* directory.")
         return path
     names = [n for n in os.listdir(load_dir) if n.startswith("iter_")]
-    complete = sorted(n for n in names if os.path.isfile(os.path.join(load_dir, n, "ppu", "run.json")))
+    complete = sorted(n for n in names if is_complete(os.path.join(load_dir, n)))
     if names and not complete:
         raise CheckpointError(f"{load_dir} has {len(names)} iter_* folder(s) ({sorted(names)[-1]}, ...) but none "
-                              f"is a complete megatron_ppu checkpoint (ppu/run.json); point --load at a folder "
-                              f"with a complete checkpoint, or remove the incomplete ones to start from scratch.")
+                              f"is a complete checkpoint (megatron_ppu's ppu/run.json, or a torch_dist "
+                              f"checkpoint's metadata.json + common.pt); point --load at a folder with a complete "
+                              f"checkpoint, or remove the incomplete ones to start from scratch.")
     return os.path.join(load_dir, complete[-1]) if complete else None
 
 
@@ -573,7 +756,8 @@ def resolve_checkpoint(load_dir: str, *, save_dir: Optional[str], finetune: bool
     where = "does not exist" if not os.path.isdir(load_dir) else "holds no checkpoint"
     if finetune:
         raise CheckpointError(f"--finetune --load {load_dir}: the folder {where}; --finetune needs a checkpoint "
-                              f"to take the weights from (a folder with {TRACKER} or iter_*/ppu/run.json).")
+                              f"to take the weights from (a folder with {TRACKER}, or a complete iter_* checkpoint "
+                              f"of megatron_ppu or Megatron-LM).")
     if save_dir is None or os.path.abspath(save_dir) != os.path.abspath(load_dir):
         raise CheckpointError(f"--load {load_dir}: the folder {where}. To start a new run, drop --load; to resume "
                               f"automatically whenever a checkpoint exists, give the same folder to --save and "
@@ -656,3 +840,221 @@ def load_rank_state(path: str) -> Dict:
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{f} is not a megatron_ppu rank state of format {FORMAT_VERSION}.")
     return state
+
+
+# -- Megatron-LM checkpoints (no ppu/ part) ------------------------------------------------------------
+_SCHEDULER_STEPS = ("lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps")
+
+
+def scheduler_to_samples(state: dict, global_batch_size: int) -> dict:
+    """Our scheduler state (counted in iterations) in Megatron-LM's units: samples (Megatron-LM
+    steps its scheduler by the global batch size each iteration)."""
+    return {k: v * global_batch_size if k in _SCHEDULER_STEPS and v is not None else v for k, v in state.items()}
+
+
+def ignore_constant_wd_length(state: dict, scheduler) -> dict:
+    """``state`` (a scheduler state dict) with ``wd_incr_steps`` set to ``scheduler``'s when both keep the
+    weight decay constant: the length of a constant schedule changes nothing, and it is the run's length
+    (Megatron-LM's ``train_iters``), so without this a resume that extends ``--train-iters`` would be
+    refused by megatron-core's "total number of weight decay iterations do not match" check."""
+    constant = (state.get("start_wd") == state.get("end_wd") and state.get("wd_incr_style") == "constant"
+                and scheduler.start_wd == scheduler.end_wd and scheduler.wd_incr_style == "constant")
+    return {**state, "wd_incr_steps": scheduler.wd_incr_steps} if constant and "wd_incr_steps" in state else state
+
+
+def scheduler_to_iterations(state: dict, global_batch_size: int, path: str) -> dict:
+    """Megatron-LM's scheduler state (samples) in our units (iterations of ``global_batch_size``)."""
+    out = {}
+    for k, v in state.items():
+        if k in _SCHEDULER_STEPS and v is not None:
+            if v % global_batch_size:
+                raise CheckpointError(
+                    f"{path}: the learning-rate schedule's {k} = {v} samples is not a whole number of iterations "
+                    f"of the checkpoint's global batch {global_batch_size} (a batch-size ramp-up?); pass "
+                    f"--no-load-optim to resume with this run's schedule and a fresh optimizer, or --finetune.")
+            v //= global_batch_size
+        out[k] = v
+    return out
+
+
+def checkpoint_kind(path: str) -> str:
+    """Collective: ``"ours"`` or ``"megatron-lm"`` for the checkpoint at ``path``, as global rank 0
+    sees it (every rank then takes the same path)."""
+    kind = ["ours" if is_ours(path) else "megatron-lm"] if dist.get_rank() == 0 else [None]
+    dist.broadcast_object_list(kind, src=0)
+    return kind[0]
+
+
+def _sharded_keys(path: str) -> set:
+    return set(FileSystemReader(path).read_metadata().state_dict_metadata)
+
+
+def load_megatron_lm_checkpoint(trainer, path: str, *, finetune: bool, no_load_optim: bool,
+                                no_load_rng: bool) -> str:
+    """Collective: load a Megatron-LM torch_dist checkpoint (no ``ppu/`` part) into ``trainer``
+    with Megatron-LM's rules (its ``load_checkpoint`` at core_v0.16.1); returns what was loaded.
+
+    * always the model weights (Megatron's full layout: any TP/PP, any PPU/DiLoCo plan);
+    * ``--finetune`` or a ``release`` checkpoint: weights only, iteration 0;
+    * else iteration and data position (``args.consumed_train_samples``); the optimizer and
+      learning-rate schedule unless ``--no-load-optim`` or the checkpoint's ``args.no_save_optim``
+      (only into a run without replicas, whose optimizer is Megatron's over every parameter; a
+      checkpoint without optimizer state, or a run with replicas, is a ``CheckpointError`` naming
+      ``--no-load-optim``/``--finetune``, as Megatron-LM stops there too); the RNG states unless
+      ``--no-load-rng``, ``args.no_save_rng`` or another TP/PP layout (the CUDA states only where
+      CUDA is present).
+    Without the optimizer state, the inner optimizer, the DiLoCo snapshot and the outer momentum
+    start fresh from the loaded weights.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    a = trainer.args
+    agreed(lambda: check_model_part(path), f"loading the Megatron-LM checkpoint {path}", SHARED_FS_FIX)
+    common = agreed(lambda: dist_checkpointing.load_common_state_dict(path), f"reading {path}/common.pt")
+    keys = agreed(lambda: _sharded_keys(path), f"reading {path}/.metadata")
+    ckpt_args = common.get("args")
+    release = os.path.basename(os.path.normpath(path)) == RELEASE
+    weights_only = finetune or release
+    tp, pp = a.parallel.tensor_model_parallel_size, a.parallel.pipeline_model_parallel_size
+    ckpt_tp_pp = (getattr(ckpt_args, "tensor_model_parallel_size", 1), getattr(ckpt_args, "pipeline_model_parallel_size", 1))
+    load_optim = not (weights_only or no_load_optim or getattr(ckpt_args, "no_save_optim", False))
+    load_rng = not (weights_only or no_load_rng or getattr(ckpt_args, "no_save_rng", False)) and ckpt_tp_pp == (tp, pp)
+    if load_optim and not any(k.startswith("optimizer.") for k in keys):
+        raise CheckpointError(f"{path} holds no optimizer state (a weights-only Megatron-LM checkpoint); pass "
+                              f"--no-load-optim to resume its weights, iteration and data position with a fresh "
+                              f"optimizer, or --finetune to start a new run from its weights (Megatron-LM needs "
+                              f"the same flags).")
+    if load_optim and a.uses_replicas:
+        raise CheckpointError(f"{path} is a Megatron-LM checkpoint: its optimizer state is Megatron's Adam over "
+                              f"every parameter, while this run's replicas (DiLoCo/PPU/SDP) keep an inner optimizer "
+                              f"per replica (over the owned slices only) and an outer optimizer. Pass "
+                              f"--no-load-optim to resume its weights, iteration and data position with fresh "
+                              f"optimizer state, or --finetune to start a new run from its weights.")
+    if load_rng and not any(k.startswith("rng_state") for k in keys):
+        raise CheckpointError(f"{path} holds no RNG state; pass --no-load-rng (as Megatron-LM asks too), or "
+                              f"--finetune.")
+    sd = {"model": trainer.model.sharded_state_dict()}
+    if load_optim:
+        md = dict(dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {},
+                  dp_cp_group=ps.get_data_parallel_group())
+        sd["optimizer"] = trainer.optimizer.sharded_state_dict(sd, is_loading=True, metadata=md)
+    if load_rng:
+        sd["rng_state"] = ShardedObject("rng_state", [None], (pp, tp), (ps.get_pipeline_model_parallel_rank(),
+                                        ps.get_tensor_model_parallel_rank()), replica_id=ps.get_data_parallel_rank())
+    try:
+        loaded = dist_checkpointing.load(sd, path)
+    except Exception as e:
+        raise CheckpointError(f"could not load the Megatron-LM checkpoint {path}: {type(e).__name__}: {e}. Is it a "
+                              f"checkpoint of the same model architecture (--use-checkpoint-args takes it from "
+                              f"the checkpoint)?") from e
+    trainer.model.load_state_dict(loaded["model"])
+    what = ["weights"]
+    if load_optim:
+        trainer.optimizer.load_state_dict(loaded["optimizer"])
+        for o in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+            for st in o.optimizer.state.values():  # one "step" tensor per parameter (see Trainer._load_optimizer)
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].clone()
+        sched = common.get("opt_param_scheduler", common.get("lr_scheduler"))
+        if sched is not None:
+            gbs = getattr(ckpt_args, "global_batch_size", None) or trainer.global_batch_size
+            try:
+                trainer.scheduler.load_state_dict(
+                    ignore_constant_wd_length(scheduler_to_iterations(sched, gbs, path), trainer.scheduler))
+            except AssertionError as e:
+                raise CheckpointError(
+                    f"{path}: the learning-rate schedule of this run differs from the checkpoint's ({e}); resume "
+                    "with the same --lr/--min-lr/--lr-warmup-*/--lr-decay-*/--weight-decay flags, or pass "
+                    "--override-opt_param-scheduler or --use-checkpoint-opt_param-scheduler, as in Megatron-LM.") from e
+        what.append("optimizer and learning-rate schedule")
+    else:
+        trainer._after_weights_changed()
+    if weights_only:
+        trainer.iteration = 0
+    else:
+        trainer.iteration = int(common["iteration"])
+        what.append(f"iteration {trainer.iteration}")
+    if not finetune and ckpt_args is not None:
+        trainer.batches.consumed_samples = int(getattr(ckpt_args, "consumed_train_samples", 0) or 0)
+        what.append(f"data position {trainer.batches.consumed_samples} samples")
+    if load_rng:
+        st = loaded["rng_state"][0]
+        random.setstate(st["random_rng_state"])
+        np.random.set_state(st["np_rng_state"])
+        torch.set_rng_state(st["torch_rng_state"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state(st["cuda_rng_state"])
+            get_cuda_rng_tracker().set_states(st["rng_tracker_states"])
+            what.append("RNG states")
+        else:
+            what.append("RNG states (CPU generators; the checkpoint's CUDA states need CUDA)")
+    return ", ".join(what) + (" (release checkpoint: weights only)" if release and not finetune else "")
+
+
+# -- --use-checkpoint-args ---------------------------------------------------------------------------
+#: Megatron-LM's ``load_args_from_checkpoint`` (core_v0.16.1) for the settings megatron_ppu has:
+#: our field -> (the checkpoint's attribute, force). ``force`` False: only where this run left it unset.
+CHECKPOINT_ARGS = {
+    "num_layers": ("num_layers", False), "hidden_size": ("hidden_size", False),
+    "ffn_hidden_size": ("ffn_hidden_size", False), "seq_length": ("seq_length", False),
+    "num_attention_heads": ("num_attention_heads", False), "num_query_groups": ("num_query_groups", True),
+    "group_query_attention": ("group_query_attention", True), "kv_channels": ("kv_channels", False),
+    "max_position_embeddings": ("max_position_embeddings", False),
+    "position_embedding_type": ("position_embedding_type", True), "rotary_base": ("rotary_base", True),
+    "rotary_percent": ("rotary_percent", True), "rotary_interleaved": ("rotary_interleaved", True),
+    "disable_bias_linear": ("add_bias_linear", True), "squared_relu": ("squared_relu", True),
+    "swiglu": ("swiglu", True), "untie_embeddings_and_output_weights": ("untie_embeddings_and_output_weights", True),
+    "normalization": ("normalization", True), "apply_query_key_layer_scaling": ("apply_query_key_layer_scaling", True),
+    "attention_dropout": ("attention_dropout", True), "hidden_dropout": ("hidden_dropout", True),
+    "tokenizer_type": ("tokenizer_type", True), "tokenizer_model": ("tokenizer_model", True),
+    "tiktoken_pattern": ("tiktoken_pattern", True),
+}
+
+
+def read_checkpoint_args(load_dir: str) -> Tuple[str, argparse.Namespace]:
+    """(path, ``args``) of the checkpoint ``--load load_dir`` finds (this process's view; no
+    process group needed, as Megatron-LM reads them before initialising). Raises
+    ``CheckpointError`` when there is none or it stores no ``args``."""
+    path = find_checkpoint(load_dir)
+    if path is None:
+        raise CheckpointError(f"--use-checkpoint-args --load {load_dir}: no checkpoint there to take the model "
+                              f"flags from; pass the model flags instead, or point --load at a checkpoint.")
+    f = os.path.join(path, "common.pt")
+    try:
+        common = torch.load(f, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"--use-checkpoint-args: cannot read {f} ({type(e).__name__}: {e}).") from e
+    ns = common.get("args") if isinstance(common, dict) else None
+    if not isinstance(ns, argparse.Namespace):
+        raise CheckpointError(f"--use-checkpoint-args: {f} stores no args (written by an older megatron_ppu?); "
+                              f"pass the model flags instead.")
+    return path, ns
+
+
+def apply_checkpoint_args(values: dict, load_dir: str) -> Tuple[List[str], str]:
+    """``--use-checkpoint-args``: set the model (and tokenizer) settings in ``values`` (parsed
+    flags, our field names) from the checkpoint's ``args`` as Megatron-LM does (:data:`CHECKPOINT_ARGS`:
+    forced ones always, the others where unset). Refuses a checkpoint of a model megatron_ppu
+    cannot build (MoE). Returns (the fields set, a description for the start-up log)."""
+    path, ns = read_checkpoint_args(load_dir)
+    if getattr(ns, "num_experts", None):
+        raise CheckpointError(f"--use-checkpoint-args: {path} is a mixture-of-experts model (num_experts "
+                              f"{ns.num_experts}); megatron_ppu trains dense GPT models.")
+    set_ = []
+    for ours, (theirs, force) in CHECKPOINT_ARGS.items():
+        if not hasattr(ns, theirs) or (not force and values.get(ours) is not None):
+            continue
+        v = getattr(ns, theirs)
+        if ours == "disable_bias_linear":
+            v = not v
+        if v is None and ours in ("tokenizer_type", "tokenizer_model", "tiktoken_pattern"):
+            continue  # Megatron-LM's _set_arg keeps the run's value when the checkpoint has none
+        if ours == "num_query_groups" and not getattr(ns, "group_query_attention", False):
+            v = None  # Megatron-LM's validate_args fills it with the head count; our flag means GQA
+        values[ours] = v
+        set_.append(ours)
+    desc = f"from {path}: " + (", ".join(f"--{k.replace('_', '-')} {values[k]}" for k in set_) or "nothing to change")
+    return set_, desc
