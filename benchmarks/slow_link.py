@@ -241,12 +241,18 @@ def targets(rows: List[dict]) -> List[str]:
             removed = 1 - b / a if a > 0 else float("nan")
             check(f"overlap (tau=2) removes >= 80 % of the time {sync} is blocked", removed >= 0.8,
                   f"{a:.1f} s -> {b:.1f} s, {100 * removed:.0f} % removed")
-    for q in ("streaming_int8", "streaming_fp8_tau2", "streaming_int8_tau2"):
-        if get(low, q) and get(low, ref):
-            r = get(low, q)["wire_bytes"] / get(low, ref)["wire_bytes"]
-            check(f"{q} sends <= 0.27x the wire bytes of {ref}", r <= 0.27, f"{r:.3f}x")
-            d = get(low, q)["eval_loss"] / get(low, ref)["eval_loss"] - 1
-            check(f"{q} held-out loss within 1 % of {ref}", abs(d) <= 0.01, f"{100 * d:+.2f} %")
+    # the payload against fp32 with the same schedule (same tau): what the compression costs
+    for q, same in (("streaming_int8", "streaming_fp32"), ("streaming_int8_tau2", "streaming_fp32_tau2"),
+                    ("streaming_fp8_tau2", "streaming_fp32_tau2")):
+        if get(low, q) and get(low, same):
+            r = get(low, q)["wire_bytes"] / get(low, same)["wire_bytes"]
+            check(f"{q} sends <= 0.27x the wire bytes of {same}", r <= 0.27, f"{r:.3f}x")
+            d = get(low, q)["eval_loss"] / get(low, same)["eval_loss"] - 1
+            check(f"{q} held-out loss within 1 % of {same}", abs(d) <= 0.01, f"{100 * d:+.2f} %")
+    if get(low, "streaming_fp32_tau2") and get(low, ref):  # what the delay itself costs (alpha = 0)
+        d = get(low, "streaming_fp32_tau2")["eval_loss"] / get(low, ref)["eval_loss"] - 1
+        out.append(f"- info: the delay tau=2 (alpha=0) changes the held-out loss by {100 * d:+.2f} % against "
+                   f"tau=0 at equal tokens ({ref})")
     for bw in bws[1:]:
         meas = sorted((r["step_mean_s"], r["method"]) for r in rows if r["bandwidth"] == bw)
         pred = sorted((r.get("predicted_step_s", float("inf")), r["method"]) for r in rows if r["bandwidth"] == bw)

@@ -18,6 +18,7 @@ Checks:
   memory-*       peak torch.cuda.max_memory_allocated per rank, 4 ranks sharing the GPU (K = 4):
                  DiLoCo vs PPU 1/4 MLPs vs PPU 1/4 MLPs + 1/4 heads on a 1.3B-parameter GPT
   tests-*        selected multi-rank CPU-suite tests with their ranks sharing the GPU, as time allows
+                 (tests-overlap: the delayed outer sync's CUDA stream, int8/fp8 quantization on the device)
 
 ``--print-commands`` prints the trainer argv of every run as JSON and exits (the CPU suite parses
 them with the trainer's own parser, so a flag typo is caught without a GPU).
@@ -213,13 +214,16 @@ def main() -> int:
     for name, target, sel in (
             ("tests-review", "tests/test_review_fixes.py", "sequence_parallel or sdp"),
             ("tests-outer", "tests/test_outer_correctness.py", "distributed_optimizer or nonowners"),
-            ("tests-flags", "tests/test_megatron_flags.py", "implemented_flags_set or per_token or two_iterations")):
+            ("tests-flags", "tests/test_megatron_flags.py", "implemented_flags_set or per_token or two_iterations"),
+            # the delayed outer sync's CUDA stream (worker stream, main stream waits) and int8/fp8 on the device
+            ("tests-overlap", "tests/test_sync_overlap.py tests/test_compress.py",
+             "overlaps or distributed_optimizer or cuda")):
         if c.left() < 90:
             c.row(name, "SKIP", "the 8-minute budget is spent")
             continue
         t0 = time.monotonic()
         try:
-            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", target, "-k", sel],
+            p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *target.split(), "-k", sel],
                                cwd=str(REPO), env=dict(os.environ, PYTHONWARNINGS="ignore"), capture_output=True,
                                text=True, timeout=c.left() - 15)
             tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]

@@ -96,3 +96,46 @@ def forward_backward(model, config, batches, forward_only: bool = False):
     if losses:
         return float(torch.stack([l["loss"] for l in losses]).mean())
     return None
+
+
+class DiLoCoRank:
+    """One rank of the hand-driven DiLoCo tests (test_diloco, test_outer_correctness,
+    test_sync_overlap): a small GPT on this rank's replica (PPU 1/N when N > 1), its ownership plan,
+    Megatron DDP and Adam (no clipping; Megatron's no-decay groups through its scheduler), and the
+    outer loop built from ``outer`` (a DiLoCoConfig); the same seed-11 weights on every replica."""
+
+    def __init__(self, layout, outer, *, N: int = 1, heads: bool = False, swiglu: bool = False, layers: int = 2,
+                 lr: float = 3e-3, wd: float = 0.1):
+        from megatron.core.optimizer import OptimizerConfig
+
+        from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
+        from megatron_ppu.ownership import build_ownership_plan
+        from megatron_ppu.sync.diloco import DiLoCoSync
+
+        self.layout, self.K = layout, layout.num_replicas
+        self.cfg = make_config(swiglu=swiglu, layers=layers, hidden=32, heads=4, ffn=64)
+        self.cfg._ppu_heads = heads
+        self.model = build_gpt(self.cfg, PPUConfig(N, heads) if N > 1 else None, layout.slice_index(N), seed=11)
+        self.plan = build_ownership_plan(self.model, self.K, N, layout.replica_index)
+        self.ddp = wrap_model_ddp(self.model, layout)
+        self.opt = build_inner_optimizer([self.ddp], OptimizerConfig(optimizer="adam", lr=lr, weight_decay=wd,
+                                                                     clip_grad=0.0), layout)
+        build_param_scheduler(self.opt, lr=lr, weight_decay=wd)  # applies megatron's no-decay groups
+        self.loop = DiLoCoSync(self.model, self.plan, layout.replica_group, outer, self.opt)
+
+    def inner_step(self, s: int) -> None:
+        """Inner step ``s`` (1-based) on this replica's batch of that step, without the outer loop."""
+        self.ddp.zero_grad_buffer()
+        self.opt.zero_grad()
+        forward_backward(self.ddp, self.cfg, batch(seed=1000 * self.layout.replica_index + s))
+        assert self.opt.step()[0]
+
+    def replica_states(self):
+        """Every replica's model state (full layout), gathered over the replica group."""
+        import torch.distributed as dist
+
+        mine = {k: v for k, v in self.model.state_dict().items()
+                if isinstance(v, torch.Tensor) and "_extra_state" not in k}
+        everyone = [None] * self.K
+        dist.all_gather_object(everyone, mine, group=self.layout.replica_group)
+        return everyone

@@ -395,3 +395,24 @@ def test_single_rank_group_and_background_thread():
         assert t["busy"] == 2.0 ** 20  # the main thread's 20 world all-reduces of ones on 2 ranks
         assert torch.equal(t["y"], t["ref"])  # the same sum from the background thread's group
     assert torch.equal(res[0]["thread"]["y"], res[1]["thread"]["y"])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (scripts/gpu_check.sh runs it on the GPU)")
+@pytest.mark.parametrize("kind", ["int8", "fp8"])
+def test_cuda_quantization_stays_on_the_device_and_matches_the_cpu(kind):
+    """On CUDA nothing moves to the host (the sync-debug mode turns any device-to-host copy into an
+    error) and the bytes equal the CPU computation's."""
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3)) * 1e-3
+    x[17] = 0.5  # an outlier block
+    q_cpu, s_cpu = quantize(x, kind, 256)
+    xc = x.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q, s = quantize(xc, kind, 256)
+        back = dequantize(q, s, kind, 256, x.numel())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert q.device.type == s.device.type == back.device.type == "cuda"
+    assert torch.equal(q.cpu(), q_cpu) and torch.equal(s.cpu(), s_cpu)
+    assert torch.equal(back.cpu(), dequantize(q_cpu, s_cpu, kind, 256, x.numel()))

@@ -148,12 +148,7 @@ def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed, fi
 
 def _algo1_worker(rank, world_size, scenarios):
     import torch.distributed as dist
-    from megatron.core.optimizer import OptimizerConfig
 
-    from megatron_ppu.config import PPUConfig
-    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
-    from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
-    from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
     from tests import gpt_utils as G
 
@@ -164,21 +159,13 @@ def _algo1_worker(rank, world_size, scenarios):
     for sc in scenarios:
         N, heads, swiglu, F = sc["N"], sc["heads"], sc["swiglu"], sc["F"]
         H, steps, lr, wd, outer_lr, mu = 3, 9, 3e-3, 0.1, 0.7, 0.9
-        cfg = G.make_config(swiglu=swiglu, layers=3, hidden=32, heads=4, ffn=64)
-        cfg._ppu_heads = heads
-        model = G.build_gpt(cfg, PPUConfig(N, heads) if N > 1 else None, layout.slice_index(N), seed=11)
-        plan = build_ownership_plan(model, K, N, layout.replica_index)
-        ddp = wrap_model_ddp(model, layout)
-        opt = build_inner_optimizer([ddp], OptimizerConfig(optimizer="adam", lr=lr, weight_decay=wd, clip_grad=0.0), layout)
-        build_param_scheduler(opt, lr=lr, weight_decay=wd)  # applies megatron's no-decay groups
-        loop = DiLoCo(model, plan, layout.replica_group, DiLoCoConfig(H, outer_lr, mu, True, K, F), opt)
+        r = G.DiLoCoRank(layout, DiLoCoConfig(H, outer_lr, mu, True, K, F), N=N, heads=heads, swiglu=swiglu,
+                         layers=3, lr=lr, wd=wd)
+        cfg, model, loop = r.cfg, r.model, r.loop
         frozen = {n: p for n, p in model.named_parameters() if n.endswith("_frozen")}
         for s in range(1, steps + 1):
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            G.forward_backward(ddp, cfg, G.batch(seed=1000 * layout.replica_index + s))
             before = {n: p.detach().clone() for n, p in frozen.items()}
-            assert opt.step()[0]
+            r.inner_step(s)
             for n, p in frozen.items():  # frozen slices do not move between syncs
                 assert torch.equal(p, before[n]), n
             for rep in loop.after_inner_step():
@@ -188,9 +175,7 @@ def _algo1_worker(rank, world_size, scenarios):
                     gathered = [torch.empty_like(v) for _ in range(K)]
                     dist.all_gather(gathered, v, group=layout.replica_group)
                     assert all(torch.equal(gathered[0], g) for g in gathered), name
-        mine = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
-        everyone = [None] * K
-        dist.all_gather_object(everyone, mine, group=layout.replica_group)
+        everyone = r.replica_states()
         if rank == 0:
             ref = _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed=11)
             worst = 0.0

@@ -117,13 +117,7 @@ def test_bf16_nonowners_contribute_exactly_zero(tiny_data, case, flags):
 
 # ---------------------------------------------------- 17.3: the last partial round is synchronised
 def _final_sync_worker(rank, world_size, scenarios):
-    import torch.distributed as dist
-    from megatron.core.optimizer import OptimizerConfig
-
-    from megatron_ppu.config import DiLoCoConfig, PPUConfig
-    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
-    from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
-    from megatron_ppu.ownership import build_ownership_plan
+    from megatron_ppu.config import DiLoCoConfig
     from megatron_ppu.parallel import build_replica_layout
     from tests import gpt_utils as G
     from tests.test_diloco import _reference_algorithm1
@@ -135,25 +129,13 @@ def _final_sync_worker(rank, world_size, scenarios):
     for sc in scenarios:
         N, F, H, steps = sc["N"], sc["F"], sc["H"], sc["steps"]
         lr, wd, outer_lr, mu = 3e-3, 0.1, 0.7, 0.9
-        cfg = G.make_config(swiglu=False, layers=2, hidden=32, heads=4, ffn=64)
-        cfg._ppu_heads = False
-        model = G.build_gpt(cfg, PPUConfig(N, False) if N > 1 else None, layout.slice_index(N), seed=11)
-        plan = build_ownership_plan(model, K, N, layout.replica_index)
-        ddp = wrap_model_ddp(model, layout)
-        opt = build_inner_optimizer([ddp], OptimizerConfig(optimizer="adam", lr=lr, weight_decay=wd, clip_grad=0.0),
-                                    layout)
-        build_param_scheduler(opt, lr=lr, weight_decay=wd)
-        loop = DiLoCo(model, plan, layout.replica_group, DiLoCoConfig(H, outer_lr, mu, True, K, F), opt)
+        r = G.DiLoCoRank(layout, DiLoCoConfig(H, outer_lr, mu, True, K, F), N=N, lr=lr, wd=wd)
+        cfg = r.cfg
         for s in range(1, steps + 1):
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            G.forward_backward(ddp, cfg, G.batch(seed=1000 * layout.replica_index + s))
-            assert opt.step()[0]
-            loop.after_inner_step()
-        pending = loop.finish()
-        mine = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and "_extra_state" not in k}
-        everyone = [None] * K
-        dist.all_gather_object(everyone, mine, group=layout.replica_group)
+            r.inner_step(s)
+            r.loop.after_inner_step()
+        pending = r.loop.finish()
+        everyone = r.replica_states()
         if rank == 0:
             ref = _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed=11, final_sync=True)
             worst = max(float((everyone[k][n] - want).abs().max()) for k in range(K) for n, want in ref[k].items())
