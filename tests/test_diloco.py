@@ -114,21 +114,7 @@ def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed, fi
     bufs = [dict() for _ in frags]
     last_sync = [0 for _ in frags]
     for s in range(1, steps + 1):
-        for k, (params, opt) in enumerate(reps):
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(params[n])
-            model.zero_grad(set_to_none=True)
-            b = G.batch(seed=1000 * k + s)[0]
-            loss = model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean()
-            loss.backward()
-            before = {n: params[n].detach().clone() for n in names}
-            for n, p in model.named_parameters():
-                params[n].grad = p.grad * masks[k][n]  # g[i] = 0 on frozen elements (line 9)
-            opt.step()
-            with torch.no_grad():  # line 10: only I_k^train is updated
-                for n in names:
-                    params[n].copy_(torch.where(masks[k][n], params[n], before[n]))
+        _reference_inner_step(model, reps, masks, s)
         for f in range(len(frags)):
             offset = ((f + 1) * H // len(frags)) % H
             due = s % H == offset
@@ -144,6 +130,28 @@ def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed, fi
                     with torch.no_grad():
                         params[n].copy_(snaps[f][n])
     return [{n: p.detach() for n, p in params.items()} for params, _ in reps]
+
+
+def _reference_inner_step(model, reps, masks, s):
+    """Inner step ``s`` of every reference replica k (Algorithm 1, lines 8-10): the shared plain
+    model computes the gradient at replica k's values on its batch of step s; plain AdamW steps
+    replica k's copy with the gradient zeroed on frozen elements, and only its owned elements move."""
+    from tests import gpt_utils as G
+
+    for k, (params, opt) in enumerate(reps):
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(params[n])
+        model.zero_grad(set_to_none=True)
+        b = G.batch(seed=1000 * k + s)[0]
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean().backward()
+        before = {n: params[n].detach().clone() for n in params}
+        for n, p in model.named_parameters():
+            params[n].grad = p.grad * masks[k][n]  # g[i] = 0 on frozen elements (line 9)
+        opt.step()
+        with torch.no_grad():  # line 10: only I_k^train is updated
+            for n in params:
+                params[n].copy_(torch.where(masks[k][n], params[n], before[n]))
 
 
 def _algo1_worker(rank, world_size, scenarios):

@@ -76,7 +76,7 @@ def _reference_delayed(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, tau, alpha,
     then every fragment with steps since its last sync (or just merged with α > 0) gets one
     synchronous outer step."""
     from tests import gpt_utils as G
-    from tests.test_diloco import _ref_fragments, _ref_owned_mask
+    from tests.test_diloco import _ref_fragments, _ref_owned_mask, _reference_inner_step
 
     model = G.build_gpt(cfg, None, seed=seed)
     names = [n for n, _ in model.named_parameters()]
@@ -116,20 +116,7 @@ def _reference_delayed(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, tau, alpha,
         return s if alpha == 0 else None
 
     for s in range(1, steps + 1):
-        for k, (params, opt) in enumerate(reps):
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(params[n])
-            model.zero_grad(set_to_none=True)
-            b = G.batch(seed=1000 * k + s)[0]
-            model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean().backward()
-            before = {n: params[n].detach().clone() for n in names}
-            for n, p in model.named_parameters():
-                params[n].grad = p.grad * masks[k][n]
-            opt.step()
-            with torch.no_grad():
-                for n in names:
-                    params[n].copy_(torch.where(masks[k][n], params[n], before[n]))
+        _reference_inner_step(model, reps, masks, s)
         for launch in (False, True, False):  # wait, launch, and with τ = 0 apply at once (Algorithm 1)
             if not launch and pending is not None and pending[1] == s:
                 f, _, launched, d = pending
