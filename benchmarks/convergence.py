@@ -27,6 +27,12 @@ DiLoCo outer loop, and ``sdp_step_*`` the same plans with SDP's per-step synchro
 (``--subnet-sync step``, no outer optimizer: compare with DDP). The report puts them in their
 own table and figures (``convergence_sdp_*.png``) next to DDP, Streaming DiLoCo and PPU 1/2.
 
+The outer-sync variants of issue 15 (``docs/overlap.md``, ``docs/compression.md``) on Streaming
+DiLoCo and PPU 1/2 MLPs: ``streaming_<v>`` and ``ppu_mlp2_<v>`` with ``<v>`` one of ``tau1``,
+``tau5`` (``--diloco-sync-delay``), ``int8``, ``int8_ef``, ``fp8``, ``fp8_ef``
+(``--diloco-allreduce-dtype``, ``_ef``: ``--diloco-error-feedback``), to compare at equal tokens
+with ``streaming_diloco`` and ``ppu_mlp2`` (fp32, τ = 0).
+
 Each method's result is written to ``benchmarks/results/convergence/<method>.json`` as
 soon as it finishes (progress in ``<method>.partial.json`` at every evaluation), and a
 rerun skips finished methods (``--force`` redoes them), so a crash loses at most the
@@ -69,6 +75,21 @@ SDP_METHODS = METHOD_ORDER[METHOD_ORDER.index("sdp_blocks_bwd"):]
 SDP_TABLE = ["ddp", "streaming_diloco", "ppu_mlp2"] + SDP_METHODS  # SDP next to its references
 
 
+# (suffix, label, flags) of the outer-sync variants measured on Streaming DiLoCo and PPU 1/2 MLPs
+SYNC_VARIANTS = [
+    ("tau1", "tau 1", ["--diloco-sync-delay", "1"]),
+    ("tau5", "tau 5", ["--diloco-sync-delay", "5"]),
+    ("int8", "int8", ["--diloco-allreduce-dtype", "int8"]),
+    ("int8_ef", "int8 + error feedback", ["--diloco-allreduce-dtype", "int8", "--diloco-error-feedback"]),
+    ("fp8", "fp8", ["--diloco-allreduce-dtype", "fp8"]),
+    ("fp8_ef", "fp8 + error feedback", ["--diloco-allreduce-dtype", "fp8", "--diloco-error-feedback"]),
+]
+SYNC_METHODS = [f"{b}_{v}" for b in ("streaming", "ppu_mlp2") for v, _, _ in SYNC_VARIANTS]
+METHOD_ORDER += SYNC_METHODS
+RUN_ORDER += SYNC_METHODS
+PAPER_METHODS += SYNC_METHODS
+
+
 def model_flags(a) -> list:
     return ["--num-layers", str(a.layers), "--hidden-size", str(a.hidden), "--ffn-hidden-size", str(a.ffn),
             "--num-attention-heads", str(a.heads), "--seq-length", str(a.seq),
@@ -96,6 +117,11 @@ def methods(a) -> dict:
         # the single-owner remedies of docs/single_owner.md (issue 16)
         "ppu_mlp4_damped": ("PPU 1/4 MLPs, owner damping 1", s + ["--ppu-slices", "4", "--diloco-owner-damping", "1"]),
         "ppu_mlp4_lrmult": ("PPU 1/4 MLPs, sliced lr x 0.5", s + ["--ppu-slices", "4", "--ppu-sliced-lr-mult", "0.5"]),
+        # the overlapped / compressed outer sync of docs/overlap.md and docs/compression.md (issue 15):
+        # its convergence cost at equal tokens, against the fp32 tau = 0 runs above
+        **{f"{base}_{v}": (f"{lab}, {vl}", flags + vf) for base, lab, flags in
+           (("streaming", "Streaming DiLoCo", s), ("ppu_mlp2", "PPU 1/2 MLPs", s + ["--ppu-slices", "2"]))
+           for v, vl, vf in SYNC_VARIANTS},
         "ppu_mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", s + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
         "control_wo": ("control: 1/4 MLPs + 1/4 heads + W_O sliced",
                        s + ["--ppu-slices", "4", "--ppu-slice-attention-heads", "--ppu-slice-attention-output"]),
