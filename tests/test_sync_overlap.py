@@ -346,3 +346,56 @@ def test_distributed_optimizer_bf16_merge_writes_fp32_shard_masters():
             assert c["masters_exact"] and c["bf16_rounded"], c
             assert c["moved"] > 0, c  # α > 0: the local values differ from θ(t+1)
             assert c["residual_same_on_inner_dp"] and c["residual_nonzero"], c
+
+
+# ------------------------------------------------ a peer dies while a delayed sync is in flight
+def _peer_death_worker(rank, world_size, out):
+    """Rank 1 dies (``os._exit``, no cleanup: as a crash) after its inner step 2, before taking part in
+    the sync launched at step 2; rank 0 launched it and waits for it at step 3 (τ = 1). Each rank
+    writes its own result and leaves without the harness's final barrier."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from megatron_ppu.ownership import build_ownership_plan
+    from megatron_ppu.sync.diloco import DiLoCoSync
+
+    model = torch.nn.Linear(64, 64, bias=False)
+    plan = build_ownership_plan(model, num_replicas=world_size, num_slices=1, replica_index=rank)
+    cfg = DiLoCoConfig(local_steps=2, outer_lr=0.5, outer_momentum=0.9, num_replicas=world_size, sync_delay=1)
+    loop = DiLoCoSync(model, plan, dist.group.WORLD, cfg)
+    res = {"error": None, "step": None, "seconds": None}
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        if rank == 1 and step == 2:
+            break
+        t0 = time.monotonic()
+        try:
+            loop.after_inner_step()
+        except RuntimeError as e:  # what gloo raises on the background thread, re-raised at the wait
+            res = {"error": str(e)[:400], "step": step, "seconds": time.monotonic() - t0}
+            break
+    with open(os.path.join(out, f"peer{rank}.json"), "w") as f:
+        json.dump(res, f)
+    os._exit(0)
+
+
+@pytest.mark.timeout(300)
+def test_peer_death_with_sync_in_flight_fails_fast_on_the_survivor(tmp_path):
+    """Not a hang until the group timeout (10 min by default): the survivor's wait raises the
+    background reduction's error, within seconds, on the training thread."""
+    import json
+    import sys
+
+    from tests.harness import REPO, run_local_ranks
+
+    cmd = [sys.executable, "-m", "tests.harness_worker", "tests.test_sync_overlap:_peer_death_worker",
+           json.dumps({"out": str(tmp_path)}), str(tmp_path)]
+    run_local_ranks(cmd, 2, [str(tmp_path / f"rank{r}.log") for r in range(2)], cwd=str(REPO), timeout=240,
+                    env={"PYTHONPATH": str(REPO)}, label="peer death")
+    r0 = json.loads((tmp_path / "peer0.json").read_text())
+    assert r0["step"] == 3, r0  # launched at step 2 (returns at once), raised at the wait after step 3
+    assert "closed by peer" in r0["error"].lower() or "connection reset" in r0["error"].lower(), r0
+    assert r0["seconds"] < 30, r0
