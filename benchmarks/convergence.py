@@ -85,9 +85,10 @@ SYNC_VARIANTS = [
     ("fp8_ef", "fp8 + error feedback", ["--diloco-allreduce-dtype", "fp8", "--diloco-error-feedback"]),
 ]
 SYNC_METHODS = [f"{b}_{v}" for b in ("streaming", "ppu_mlp2") for v, _, _ in SYNC_VARIANTS]
-METHOD_ORDER += SYNC_METHODS
-RUN_ORDER += SYNC_METHODS
-PAPER_METHODS += SYNC_METHODS
+DIAG_METHODS = ["streaming_diag", "ppu_mlp2_diag", "ppu_mlp4_diag"]
+METHOD_ORDER += SYNC_METHODS + DIAG_METHODS
+RUN_ORDER += SYNC_METHODS + DIAG_METHODS
+PAPER_METHODS += SYNC_METHODS + DIAG_METHODS
 
 
 def model_flags(a) -> list:
@@ -122,6 +123,11 @@ def methods(a) -> dict:
         **{f"{base}_{v}": (f"{lab}, {vl}", flags + vf) for base, lab, flags in
            (("streaming", "Streaming DiLoCo", s), ("ppu_mlp2", "PPU 1/2 MLPs", s + ["--ppu-slices", "2"]))
            for v, vl, vf in SYNC_VARIANTS},
+        # the same runs with the merge diagnostic (docs/single_owner.md): the probe loss of the local
+        # models, the plain merge and the outer step at every sync (forward passes only: same training)
+        **{f"{base}_diag": (f"{lab}, merge diagnostic", flags + ["--diloco-merge-diagnostic"]) for base, lab, flags in
+           (("streaming", "Streaming DiLoCo", s), ("ppu_mlp2", "PPU 1/2 MLPs", s + ["--ppu-slices", "2"]),
+            ("ppu_mlp4", "PPU 1/4 MLPs", s + ["--ppu-slices", "4"]))},
         "ppu_mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", s + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
         "control_wo": ("control: 1/4 MLPs + 1/4 heads + W_O sliced",
                        s + ["--ppu-slices", "4", "--ppu-slice-attention-heads", "--ppu-slice-attention-output"]),
@@ -189,7 +195,8 @@ def run_worker(spec: dict) -> dict:
            "skipped_outer": stats.get("skipped", 0),
            "vocab_size": tr.run.tokenizer.vocab_size, "plan": tr.plan.summary(),
            "total_numel": tr.plan.total_numel(), "global_batch_size": tr.global_batch_size,
-           "data": tr.run.data_description, "rss_start": rss_start, "rss_peak": C.max_rss_bytes()}
+           "data": tr.run.data_description, "rss_start": rss_start, "rss_peak": C.max_rss_bytes(),
+           "merge_trace": tr.merge_trace}
     return out
 
 
@@ -213,6 +220,7 @@ def summarise(name, label, argv, ranks, a) -> dict:
     }
     m["plan_state_bytes"] = max(r.get("plan_state_bytes", 0) for r in ranks)
     m["sync_stats"] = r0.get("sync_stats")
+    m["merge_trace"] = r0.get("merge_trace") or None  # --diloco-merge-diagnostic: one entry per sync
     m["state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"] + m["outer_bytes"]
     m["device_state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"]
     m["state_ratio_vs_predicted"] = C.ratio(m["state_bytes"], pred["model_state_bytes"])

@@ -77,6 +77,7 @@ def _worker(rank, world_size):
             "probe_weights_vs_ref": [max(float((s[k] - w[k]).abs().max()) for k in w)
                                      for s, w in zip(seen, (local, plain, outer))],
             "num_probes": len(seen) // max(1, len(tr.probe_batches)),
+            "trace": tr.merge_trace, "report": [report.applied_step, report.fragment],
             "replicas_differ": any(not torch.equal(local[k], theta0[k]) for k in local)}
 
 
@@ -91,6 +92,10 @@ def test_merge_diagnostic_numbers_match_a_hand_built_two_replica_case():
         for key in ("local", "plain", "outer"):
             assert r["diag"][key] == pytest.approx(r["ref"][key], rel=1e-5, abs=1e-6), (key, r)
         assert r["diag"]["gain"] == pytest.approx(r["ref"]["local"] - r["ref"]["outer"], abs=1e-5)
+        # Trainer.merge_trace: one entry for the one sync (after inner step 2, fragment 0), those numbers
+        assert r["report"] == [2, 0] and r["trace"] == [
+            {"iteration": 2, "fragment": 0, "local": r["diag"]["local"], "plain_merge": r["diag"]["plain"],
+             "outer_step": r["diag"]["outer"], "gain": r["diag"]["gain"]}], r["trace"]
     assert res[0]["diag"] == res[1]["diag"]  # the same numbers on every replica
     # the outer step (lr 0.7 x 1.9 = 1.33 x the mean delta) moved the model past the plain merge
     assert res[0]["diag"]["outer"] != res[0]["diag"]["plain"]

@@ -236,11 +236,13 @@ class Trainer(_Checkpoints):
         self.tb = metrics.open_tensorboard(a.checkpoint.tensorboard_dir, self.is_logger)
         self.start_time = time.time()  # for --exit-duration-in-mins
         self.storage_views = None
+        # --diloco-merge-diagnostic: one entry per outer sync, in order (every rank; the same numbers)
+        self.merge_trace: List[Dict[str, float]] = []
         if a.diloco.merge_diagnostic:  # validated: only with the DiLoCo outer loop
             # the probe batch: the first validation batches (one iteration's micro-batches), the same everywhere
             self.probe_batches = list(D.fixed_batches(self.valid_ds, a.training.micro_batch_size,
                                                       self.num_microbatches, 0))
-            self.sync.attach_merge_probe(self._probe_loss, lambda report: metrics.log_merge(self, report))
+            self.sync.attach_merge_probe(self._probe_loss, self._on_merge_report)
         if a.checkpoint.save or a.checkpoint.load:
             self._probe_storage()  # node-local --save/--load folders: found now, not at the first save
 
@@ -358,6 +360,13 @@ class Trainer(_Checkpoints):
             self.ddp.train()
         mean = self._dp_mean(loss)
         return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "model": self.sync.evaluated_model}
+
+    def _on_merge_report(self, report) -> None:
+        """A sync's merge diagnostic: into :attr:`merge_trace`, the log and TensorBoard."""
+        m = report.merge
+        self.merge_trace.append({"iteration": report.applied_step, "fragment": report.fragment, "local": m.local,
+                                 "plain_merge": m.plain_merge, "outer_step": m.outer_step, "gain": m.gain})
+        metrics.log_merge(self, report)
 
     def _probe_loss(self) -> float:
         """The merge diagnostic's probe: the loss of the model's current weights on the probe
