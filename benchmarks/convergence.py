@@ -391,7 +391,8 @@ def report(a, names, allm, meta_extra=None) -> dict:
         if suffix and not any(n in results for n in SDP_METHODS):
             continue
         if sub:
-            figs += figures(sub, meta, prefix + suffix, fig_dir)
+            # a nested tag (study_k4/s1234) names its figures by its last part, inside results/<tag>/
+            figs += figures(sub, meta, os.path.basename(prefix) + suffix, fig_dir)
     with open(os.path.join(RESULTS, f"{prefix}.json"), "w") as f:
         json.dump({"meta": meta, "methods": results}, f, indent=1)
     with open(os.path.join(RESULTS, f"{prefix}.md"), "w") as f:
