@@ -69,6 +69,31 @@ def summarise(runs: Dict[str, Dict[int, dict]]) -> List[dict]:
     return sorted(rows, key=lambda r: order.index(r["method"]))
 
 
+def merge_summary(runs: Dict[str, Dict[int, dict]], parts: int = 3) -> List[dict]:
+    """For runs with a merge trace (``--diloco-merge-diagnostic``): per fragment and per
+    ``parts``-th of the run, the mean of local − plain merge ("merge") and of local − outer step
+    ("gain") over its syncs, and how many syncs had a positive gain."""
+    rows = []
+    for name, by_seed in runs.items():
+        for seed, r in sorted(by_seed.items()):
+            trace = r.get("merge_trace") or []
+            if not trace:
+                continue
+            iters = r["iterations"]
+            for f in sorted({e["fragment"] for e in trace}):
+                for p in range(parts):
+                    lo, hi = p * iters // parts, (p + 1) * iters // parts
+                    sel = [e for e in trace if e["fragment"] == f and lo < e["iteration"] <= hi]
+                    if sel:
+                        rows.append({"method": name, "label": r["label"], "seed": seed, "fragment": f,
+                                     "iterations": (lo + 1, hi), "syncs": len(sel),
+                                     "local": sum(e["local"] for e in sel) / len(sel),
+                                     "merge": sum(e["local"] - e["plain_merge"] for e in sel) / len(sel),
+                                     "gain": sum(e["gain"] for e in sel) / len(sel),
+                                     "positive": sum(e["gain"] > 0 for e in sel)})
+    return rows
+
+
 def _f(x, fmt):
     return "-" if x is None else format(x, fmt)
 
@@ -93,6 +118,21 @@ def to_markdown(rows: List[dict], study: str) -> str:
     return "\n".join(L) + "\n"
 
 
+def merge_markdown(rows: List[dict]) -> str:
+    """The merge-diagnostic summary as a markdown table (empty without traced runs)."""
+    if not rows:
+        return ""
+    L = ["Merge diagnostic (probe loss; mean over the fragment's syncs in each part of the run; merge = local "
+         "− plain merge, gain = local − outer step, positive: better than the mean replica):", "",
+         "| method | seed | fragment | iterations | syncs | local models | merge | gain | gain > 0 |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        L.append(f"| {r['label']} | {r['seed']} | {r['fragment']} | {r['iterations'][0]}-{r['iterations'][1]} | "
+                 f"{r['syncs']} | {r['local']:.3f} | {r['merge']:+.3f} | {r['gain']:+.3f} | "
+                 f"{r['positive']}/{r['syncs']} |")
+    return "\n".join(L) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("studies", nargs="+", help="study folders, e.g. benchmarks/results/study_k4")
@@ -102,12 +142,13 @@ def main(argv=None) -> int:
         if not runs:
             raise SystemExit(f"no results under {study}/*s<seed>/*.json: run benchmarks/convergence.py "
                              f"with --tag {os.path.basename(study)}/s<seed> first.")
-        rows = summarise(runs)
-        for ext, text in (("md", to_markdown(rows, study)), ("json", json.dumps(rows, indent=1))):
+        rows, merges = summarise(runs), merge_summary(runs)
+        md = to_markdown(rows, study) + ("\n" + merge_markdown(merges) if merges else "")
+        for ext, text in (("md", md), ("json", json.dumps({"methods": rows, "merge": merges}, indent=1))):
             with open(os.path.join(study, f"table.{ext}.tmp"), "w") as f:
                 f.write(text)
             os.replace(os.path.join(study, f"table.{ext}.tmp"), os.path.join(study, f"table.{ext}"))
-        print(to_markdown(rows, study))
+        print(md)
     return 0
 
 

@@ -45,3 +45,18 @@ def test_a_seed_in_two_folders_is_refused(tmp_path):
     _write(tmp_path, "rem_s1", "ppu_mlp2", "PPU 1/2 MLPs", 151.0)
     with pytest.raises(ValueError, match="seed 1 is in two result folders"):
         T.load_runs(str(tmp_path))
+
+
+@pytest.mark.timeout(120)
+def test_merge_summary_by_fragment_and_part(tmp_path):
+    trace = [{"iteration": it, "fragment": f, "local": loc, "plain_merge": pm, "outer_step": out, "gain": loc - out}
+             for it, f, loc, pm, out in [(2, 0, 5.0, 4.0, 6.0), (3, 1, 3.0, 3.5, 2.0), (5, 0, 4.0, 3.0, 3.0),
+                                         (8, 0, 2.0, 2.5, 2.5)]]
+    os.makedirs(tmp_path / "s7")
+    (tmp_path / "s7" / "ppu_mlp4_diag.json").write_text(json.dumps(
+        {"label": "x", "final_ppl": 1.0, "argv": ARGV, "evals": [], "iterations": 9, "merge_trace": trace}))
+    rows = T.merge_summary(T.load_runs(str(tmp_path)), parts=3)
+    got = {(r["fragment"], r["iterations"]): (r["syncs"], r["merge"], r["gain"], r["positive"]) for r in rows}
+    # iterations 1-3, 4-6, 7-9; fragment 0: syncs at 2 (merge +1, gain -1), 5 (+1, +1), 8 (-0.5, -0.5)
+    assert got == {(0, (1, 3)): (1, 1.0, -1.0, 0), (0, (4, 6)): (1, 1.0, 1.0, 1), (0, (7, 9)): (1, -0.5, -0.5, 0),
+                   (1, (1, 3)): (1, -0.5, 1.0, 1)}, got
