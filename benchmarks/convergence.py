@@ -322,7 +322,7 @@ def figures(results: dict, meta: dict, prefix: str, fig_dir: str) -> list:
     return paths
 
 
-def markdown(results: dict, meta: dict, figs: list) -> str:
+def markdown(results: dict, meta: dict, figs: list, md_dir: str = RESULTS) -> str:
     L = ["# Convergence at equal tokens (embedded corpus)\n",
          f"Produced by `{meta['command']}`; {meta['model_desc']}; {meta['nproc']} replicas; global batch "
          f"{meta['global_batch_size']} sequences x {meta['seq_length']} tokens; {meta['iters']} iterations "
@@ -358,7 +358,7 @@ def markdown(results: dict, meta: dict, figs: list) -> str:
              "2(h-1)/h x the gradient payload of each group of h holders plus (K-h)/K x the values broadcast "
              "to non-holders, see `megatron_ppu.subnet.SyncStats`).\n")
     for p in figs:
-        L.append(f"![{os.path.basename(p)}]({os.path.relpath(p, RESULTS)})")
+        L.append(f"![{os.path.basename(p)}]({os.path.relpath(p, md_dir)})")  # relative to the .md
     return "\n".join(L) + "\n"
 
 
@@ -396,7 +396,7 @@ def report(a, names, allm, meta_extra=None) -> dict:
     with open(os.path.join(RESULTS, f"{prefix}.json"), "w") as f:
         json.dump({"meta": meta, "methods": results}, f, indent=1)
     with open(os.path.join(RESULTS, f"{prefix}.md"), "w") as f:
-        f.write(markdown(results, meta, figs))
+        f.write(markdown(results, meta, figs, os.path.dirname(os.path.join(RESULTS, f"{prefix}.md"))))
     print(f"\n{'method':48s} {'loss':>7s} {'ppl':>8s} {'state/rank':>11s} {'+outer':>11s} {'wall':>8s}")
     for m in results.values():
         print(f"{m['label']:48s} {m['final_loss']:7.4f} {m['final_ppl']:8.2f} {C.fmt_bytes(m['device_state_bytes']):>11s} "
