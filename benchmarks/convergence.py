@@ -109,6 +109,9 @@ def methods(a) -> dict:
     h = ["--diloco-local-steps", str(a.local_steps)]
     s = h + ["--diloco-streaming-fragments", str(a.fragments)]
     step, blocks, fwd, neurons = C.SDP_STEP, C.SDP_BLOCKS_HALF, C.SDP_FORWARD, C.SDP_NEURONS_HALF
+    # the runs that the outer-sync variants and the merge diagnostic are applied to: prefix -> (label, flags)
+    bases = {"streaming": ("Streaming DiLoCo", s), "ppu_mlp2": ("PPU 1/2 MLPs", s + ["--ppu-slices", "2"]),
+             "ppu_mlp4": ("PPU 1/4 MLPs", s + ["--ppu-slices", "4"])}
     return {
         "ddp": ("DDP", ["--diloco-local-steps", "0"]),
         "diloco": ("DiLoCo", h),
@@ -120,14 +123,12 @@ def methods(a) -> dict:
         "ppu_mlp4_lrmult": ("PPU 1/4 MLPs, sliced lr x 0.5", s + ["--ppu-slices", "4", "--ppu-sliced-lr-mult", "0.5"]),
         # the overlapped / compressed outer sync of docs/overlap.md and docs/compression.md (issue 15):
         # its convergence cost at equal tokens, against the fp32 tau = 0 runs above
-        **{f"{base}_{v}": (f"{lab}, {vl}", flags + vf) for base, lab, flags in
-           (("streaming", "Streaming DiLoCo", s), ("ppu_mlp2", "PPU 1/2 MLPs", s + ["--ppu-slices", "2"]))
-           for v, vl, vf in SYNC_VARIANTS},
+        **{f"{base}_{v}": (f"{lab}, {vl}", flags + vf) for base, (lab, flags) in bases.items()
+           if base != "ppu_mlp4" for v, vl, vf in SYNC_VARIANTS},
         # the same runs with the merge diagnostic (docs/single_owner.md): the probe loss of the local
         # models, the plain merge and the outer step at every sync (forward passes only: same training)
-        **{f"{base}_diag": (f"{lab}, merge diagnostic", flags + ["--diloco-merge-diagnostic"]) for base, lab, flags in
-           (("streaming", "Streaming DiLoCo", s), ("ppu_mlp2", "PPU 1/2 MLPs", s + ["--ppu-slices", "2"]),
-            ("ppu_mlp4", "PPU 1/4 MLPs", s + ["--ppu-slices", "4"]))},
+        **{f"{base}_diag": (f"{lab}, merge diagnostic", flags + ["--diloco-merge-diagnostic"])
+           for base, (lab, flags) in bases.items()},
         "ppu_mlp4_heads4": ("PPU 1/4 MLPs + 1/4 heads", s + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
         "control_wo": ("control: 1/4 MLPs + 1/4 heads + W_O sliced",
                        s + ["--ppu-slices", "4", "--ppu-slice-attention-heads", "--ppu-slice-attention-output"]),
@@ -395,8 +396,9 @@ def report(a, names, allm, meta_extra=None) -> dict:
             figs += figures(sub, meta, os.path.basename(prefix) + suffix, fig_dir)
     with open(os.path.join(RESULTS, f"{prefix}.json"), "w") as f:
         json.dump({"meta": meta, "methods": results}, f, indent=1)
-    with open(os.path.join(RESULTS, f"{prefix}.md"), "w") as f:
-        f.write(markdown(results, meta, figs, os.path.dirname(os.path.join(RESULTS, f"{prefix}.md"))))
+    md_path = os.path.join(RESULTS, f"{prefix}.md")
+    with open(md_path, "w") as f:
+        f.write(markdown(results, meta, figs, os.path.dirname(md_path)))
     print(f"\n{'method':48s} {'loss':>7s} {'ppl':>8s} {'state/rank':>11s} {'+outer':>11s} {'wall':>8s}")
     for m in results.values():
         print(f"{m['label']:48s} {m['final_loss']:7.4f} {m['final_ppl']:8.2f} {C.fmt_bytes(m['device_state_bytes']):>11s} "
