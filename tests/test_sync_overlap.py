@@ -222,7 +222,7 @@ def _overlap_worker(rank, world_size):
     return {"launch_s": launch_s, "wait_s": wait_s, "launched": launched, "in_flight": in_flight,
             "applied": [(r.step, r.applied_step) for r in applied + applied2],
             "main_sum_ok": bool((main_sum == 3.0).all()), "weight": model.weight.detach().cpu().clone(),
-            "side_stream": loop._stream is not None, "cuda": torch.cuda.is_available()}
+            "side_stream": loop._stream is not None, "cuda": torch.cuda.is_available(), "stats": loop.stats()}
 
 
 @pytest.mark.timeout(300)
@@ -237,6 +237,13 @@ def test_delayed_launch_overlaps_and_the_wait_absorbs_a_slow_rank():
         assert r["main_sum_ok"]
     assert torch.equal(res[0]["weight"], res[1]["weight"])  # α = 0: both take θ(t+1)
     assert all(r["side_stream"] == r["cuda"] for r in res)  # CUDA payload: the worker's own stream
+    # The counters: the fast rank's first background reduction could only finish once the slow rank
+    # joined (1 s later), so it ran >= 0.5 s; its wait lies inside that interval; the slow rank found
+    # its peer waiting, so its reductions were quicker.
+    fs, ss = fast["stats"], res[1]["stats"]
+    assert fs["comm_background_s"] > 0.5, fs
+    assert fs["comm_wait_s"] <= fs["comm_background_s"] + 0.05, fs
+    assert ss["comm_background_s"] < fs["comm_background_s"], (ss, fs)
 
 
 def _delayed_nan_worker(rank, world_size):

@@ -389,6 +389,8 @@ class DiLoCoStats:
     ring_bytes_sent: int = 0
     bytes_handed: int = 0
     comm_wait_s: float = 0.0  # seconds the training thread waited for the cross-replica reductions
+    # τ > 0: seconds the background reductions took, launch to result (what the τ steps must cover)
+    comm_background_s: float = 0.0
     last: Optional[SyncReport] = None
 
 
@@ -434,6 +436,7 @@ class _Reduced:
     averaged: Optional[List[torch.Tensor]]
     payload_bytes: int
     bytes_handed: int
+    duration_s: float = 0.0  # on the background thread, from its start to the result
 
 
 @dataclass
@@ -767,11 +770,13 @@ class DiLoCoSync(Synchroniser):
         2 (K-1)/K x the bytes handed to the cross-replica collectives: the ring all-reduce of an
         fp32 / bf16 payload, or compress's all-to-all + all-gather of an int8 / fp8 one, counted
         from what :func:`compress.quantized_all_reduce_` returns), ``bytes_handed`` (what was handed
-        to them: payload + scales) and ``payload_bytes``."""
+        to them: payload + scales) and ``payload_bytes``; ``comm_wait_s``: seconds the training
+        thread waited for cross-replica reductions; ``comm_background_s`` (τ > 0): seconds the
+        background reductions took on their thread (a wait remains where this exceeds τ steps)."""
         t = self.totals
         return {"syncs": t.syncs, "skipped": t.skipped, "payload_bytes": t.payload_bytes,
                 "bytes_handed": t.bytes_handed, "outer_bytes_sent": t.ring_bytes_sent,
-                "comm_wait_s": t.comm_wait_s}
+                "comm_wait_s": t.comm_wait_s, "comm_background_s": t.comm_background_s}
 
     def describe(self) -> str:
         c = self.config
@@ -901,7 +906,7 @@ class DiLoCoSync(Synchroniser):
         """The worker thread's part of a delayed sync (no state of the main thread is touched except
         ``frag.residual``, which only the reduction uses). On CUDA: its own stream, after the main
         stream's work so far; its results are host tensors."""
-        c = self._async_comm
+        c, t0 = self._async_comm, time.perf_counter()
         if self._stream is None:
             averaged, payload, handed = frag.reduce(deltas, c)
             finite = _agree_finite(averaged, c.consensus_group)
@@ -911,7 +916,7 @@ class DiLoCoSync(Synchroniser):
                 averaged, payload, handed = frag.reduce(deltas, c)
                 finite = _agree_finite(averaged, c.consensus_group)
             self._stream.synchronize()
-        return _Reduced(averaged if finite else None, payload, handed)
+        return _Reduced(averaged if finite else None, payload, handed, time.perf_counter() - t0)
 
     def _wait_in_flight(self) -> Optional[_InFlight]:
         """Block until the reduction in flight (if any) has its result; no collective on this thread."""
@@ -920,6 +925,7 @@ class DiLoCoSync(Synchroniser):
             t0 = time.perf_counter()
             p.result = p.future.result()
             self.totals.comm_wait_s += time.perf_counter() - t0
+            self.totals.comm_background_s += p.result.duration_s
             p.future = None
             if self._stream is not None:
                 torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
