@@ -60,7 +60,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 FIGURES = os.path.join(C.REPO, "docs", "figures")
 
-METHOD_ORDER = ["ddp", "diloco", "streaming_diloco", "ppu_mlp2", "ppu_mlp4", "ppu_mlp4_damped", "ppu_mlp4_lrmult",
+METHOD_ORDER = ["ddp", "diloco", "streaming_diloco", "ppu_mlp2", "ppu_mlp2_damped", "ppu_mlp4", "ppu_mlp4_damped",
+                "ppu_mlp4_lrmult",
                 "ppu_mlp4_heads4",
                 "control_wo", "control_detach",
                 "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
@@ -68,7 +69,7 @@ METHOD_ORDER = ["ddp", "diloco", "streaming_diloco", "ppu_mlp2", "ppu_mlp4", "pp
 # Order of the runs: the paper's comparison (Streaming DiLoCo vs PPU) and the controls first, so that
 # a study cut short by the machine's time limit misses the least important method (plain DiLoCo).
 RUN_ORDER = ["ddp", "streaming_diloco", "ppu_mlp4", "ppu_mlp2", "ppu_mlp4_heads4", "control_detach",
-             "control_wo", "diloco", "ppu_mlp4_damped", "ppu_mlp4_lrmult", "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
+             "control_wo", "diloco", "ppu_mlp4_damped", "ppu_mlp2_damped", "ppu_mlp4_lrmult", "sdp_blocks_bwd", "sdp_blocks_fwd", "sdp_neurons_fwd",
              "sdp_step_blocks_bwd", "sdp_step_blocks_fwd", "sdp_step_neurons_fwd"]
 PAPER_METHODS = METHOD_ORDER[:METHOD_ORDER.index("sdp_blocks_bwd")]
 SDP_METHODS = METHOD_ORDER[METHOD_ORDER.index("sdp_blocks_bwd"):]
@@ -120,6 +121,7 @@ def methods(a) -> dict:
         "ppu_mlp4": ("PPU 1/4 MLPs", s + ["--ppu-slices", "4"]),
         # the single-owner remedies of docs/single_owner.md (issue 16)
         "ppu_mlp4_damped": ("PPU 1/4 MLPs, owner damping 1", s + ["--ppu-slices", "4", "--diloco-owner-damping", "1"]),
+        "ppu_mlp2_damped": ("PPU 1/2 MLPs, owner damping 1", s + ["--ppu-slices", "2", "--diloco-owner-damping", "1"]),
         "ppu_mlp4_lrmult": ("PPU 1/4 MLPs, sliced lr x 0.5", s + ["--ppu-slices", "4", "--ppu-sliced-lr-mult", "0.5"]),
         # the overlapped / compressed outer sync of docs/overlap.md and docs/compression.md (issue 15):
         # its convergence cost at equal tokens, against the fp32 tau = 0 runs above
