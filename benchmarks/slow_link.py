@@ -214,7 +214,7 @@ def report(results: dict) -> str:
         pred = f"{r['predicted_step_s']:.3f} s" if r.get("predicted_step_s") else "-"
         lines.append(f"| {r['bandwidth']} | {r['method']} | {r['step_mean_s']:.3f} s | {vs} | {pred} | "
                      f"{r['blocked_s']:.1f} s of {r['total_s']:.1f} s | "
-                     f"{(str(round(r['background_s'], 1)) + ' s') if r['background_s'] else '-'} | "
+                     f"{format(r['background_s'], '.1f') + ' s' if r['background_s'] else '-'} | "
                      f"{fmt_bytes(r['wire_bytes'])} / "
                      f"{fmt_bytes(r['predicted_wire_bytes'])} | {r['eval_loss']:.4f} |")
     return "\n".join(lines + [""] + targets(rows))
