@@ -32,6 +32,8 @@ import math
 import os
 from datetime import timedelta
 
+import torch.distributed as dist
+
 logger = logging.getLogger(__name__)
 
 #: The backend string of the default group on a CUDA machine.
@@ -63,6 +65,15 @@ def enable_lazy_gloo() -> None:
     (``TORCH_GLOO_LAZY_INIT=1``), unless the user has set the variable. Call before
     creating process groups."""
     os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+
+
+def shutdown_process_groups() -> None:
+    """Destroy the default process group and every group made from it, if initialized. Call at
+    the end of a process that used them: a gloo group still alive at interpreter teardown can
+    abort the exiting process ("terminate called without an active exception", exit -6) after
+    the work has succeeded, which torchrun reports as a failed rank."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def group_timeout(minutes: float) -> timedelta:

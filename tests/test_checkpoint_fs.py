@@ -337,6 +337,7 @@ def test_distributed_optimizer_run_killed_and_resumed_reproduces_the_losses(tiny
 FIRST_LAUNCH_STUB = r'''
 import os, sys
 import torch.distributed as dist
+from megatron_ppu.comm import shutdown_process_groups
 from megatron_ppu.testing.local_ranks import free_port
 from megatron_ppu.training.arguments import parse_args
 from megatron_ppu.training.checkpointing import probe_views, resolve_checkpoint
@@ -346,6 +347,7 @@ dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", ra
 probe_views(a.checkpoint.save, create=True)
 found = resolve_checkpoint(a.checkpoint.load, save_dir=a.checkpoint.save, finetune=a.checkpoint.finetune)
 print("first launch" if found is None else found)
+shutdown_process_groups()  # as pretrain_gpt_ppu.py does; left alive, gloo can abort the exit (-6)
 '''
 
 

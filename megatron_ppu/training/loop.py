@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from ..comm import enable_lazy_gloo, group_timeout, process_group_backend
+from ..comm import enable_lazy_gloo, group_timeout, process_group_backend, shutdown_process_groups
 from ..patches import apply_cpu_patches
 from . import checkpointing as C
 from . import data as D
@@ -477,4 +477,6 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for noisy in ("megatron", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    return run(argv).final_eval
+    final = run(argv).final_eval
+    shutdown_process_groups()  # before interpreter teardown (see there); after an error the exit stops them
+    return final
