@@ -119,7 +119,8 @@ def test_offline_run_logs_the_log_lines_losses_and_the_args(tmp_path):
     argv = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
             "--micro-batch-size", "2", "--lr", "0.001", "--lr-warmup-iters", "2", "--train-iters", "8",
             "--log-interval", "2", "--eval-interval", "4", "--eval-iters", "1", "--mock-data", "--vocab-size", "128",
-            "--ppu-slices", "2", "--diloco-local-steps", "2", "--log-params-norm", "--tensorboard-dir", str(tb),
+            "--ppu-slices", "2", "--diloco-local-steps", "2", "--log-params-norm", "--diloco-merge-diagnostic",
+            "--tensorboard-dir", str(tb),
             "--wandb-project", "ppu-test", "--wandb-exp-name", "offline-check", "--wandb-entity", "ppu-team",
             "--wandb-save-dir", str(wb)]
     marker = uuid.uuid4().hex
@@ -161,7 +162,7 @@ def test_offline_run_logs_the_log_lines_losses_and_the_args(tmp_path):
     acc = EventAccumulator(str(tb))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"lm loss", "learning-rate", "grad-norm", "params-norm", "validation loss"} <= set(tags)
+    assert {"lm loss", "learning-rate", "grad-norm", "params-norm", "validation loss", "merge/gain"} <= set(tags)
     wandb_keys = {k for row in history.values() for k in row}
     assert set(tags) <= wandb_keys, set(tags) - wandb_keys
     for tag in tags:
