@@ -205,13 +205,15 @@ def test_missing_wandb_package_is_a_clear_error_on_every_rank(tmp_path):
                  env={"RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
                  preamble="sys.modules['wandb'] = None")
         assert r.returncode == 2, (rank, r.stdout[-2000:], r.stderr[-3000:])
-        assert "--wandb-project need the wandb package" in r.stderr
+        assert "Weights & Biases logging (--wandb-project) needs the wandb package" in r.stderr
         assert "pip install -e .[wandb]" in r.stderr and "pip install wandb" in r.stderr
     assert not (tmp_path / "ck").exists()
 
 
 @pytest.mark.timeout(300)
 def test_wandb_is_imported_only_with_a_wandb_flag(tmp_path):
+    """Parsing the flags imports wandb only with a W&B flag (megatron-core itself imports it
+    later, where installed, from ``megatron.core.inference``, guarded against ImportError)."""
     code = ("import sys; from megatron_ppu.training.arguments import parse_args; "
             f"parse_args({TINY!r}); assert 'wandb' not in sys.modules, 'imported without a W&B flag'; "
             f"parse_args({TINY + ['--wandb-project', 'p', '--wandb-save-dir', str(tmp_path)]!r}); "
@@ -225,6 +227,7 @@ def test_wandb_is_imported_only_with_a_wandb_flag(tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--wandb-exp-name", "x", "--wandb-save-dir", "/tmp/x"], "--wandb-exp-name, --wandb-save-dir given without "
                                                                "--wandb-project"),
+    (["--wandb-project", "", "--wandb-entity", "e"], "--wandb-project, --wandb-entity given without --wandb-project"),
     (["--wandb-project", "p"], "--wandb-project needs --wandb-save-dir DIR or --save DIR"),
     (["--wandb-project", "p", "--save", "/tmp/x", "--wandb-exp-name", ""], "--wandb-exp-name is empty"),
 ])

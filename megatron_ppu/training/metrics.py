@@ -239,19 +239,19 @@ def check_wandb_flags(c) -> None:
     given) and a place for its files (``--wandb-save-dir``, or ``--save`` as in Megatron-LM:
     ``<save>/wandb``); the other W&B flags need ``--wandb-project``."""
     given = [f for f in WANDB_FLAGS if getattr(c, f) is not None]
-    if not given:
-        return
     flags = ", ".join("--" + f.replace("_", "-") for f in given)
-    if not c.wandb_project:
-        raise ValueError(f"{flags} given without --wandb-project: Weights & Biases logging is on only with "
-                         "--wandb-project NAME (Megatron-LM ignores the others without it); give --wandb-project "
-                         "or drop them.")
+    if not c.wandb_project:  # absent or empty (Megatron-LM's "off")
+        if given[1:] or (given and given[0] != "wandb_project"):
+            raise ValueError(f"{flags} given without --wandb-project NAME: Weights & Biases logging is on only "
+                             "with a project (Megatron-LM ignores the other --wandb-* flags without one); give "
+                             "--wandb-project or drop them.")
+        return
     try:
         import wandb  # noqa: F401  (the optional extra: pip install -e .[wandb])
     except ImportError as e:
-        raise ValueError(f"{flags} need the wandb package, which is not installed: pip install -e .[wandb] "
-                         f"(megatron_ppu's optional extra) or pip install wandb; or drop the --wandb-* flags "
-                         f"({type(e).__name__}: {e}).") from e
+        raise ValueError(f"Weights & Biases logging ({flags}) needs the wandb package, which is not installed: "
+                         f"pip install -e .[wandb] (megatron_ppu's optional extra) or pip install wandb; or drop "
+                         f"the --wandb-* flags ({type(e).__name__}: {e}).") from e
     if c.wandb_exp_name == "":
         raise ValueError("--wandb-exp-name is empty: give the experiment name (Megatron-LM: 'Please specify the "
                          "wandb experiment name!'), or leave the flag out for a name W&B chooses.")
