@@ -35,8 +35,10 @@ setup(
         "psutil",  # megatron's dist_checkpointing needs it but does not declare it
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "tensorboard"],
+        "test": ["pytest", "pytest-timeout", "tensorboard", "wandb>=0.19,<1"],
         "tensorboard": ["tensorboard"],
+        # --wandb-project: Weights & Biases logging (imported only when a --wandb-* flag is given)
+        "wandb": ["wandb>=0.19,<1"],
         "bench": ["matplotlib"],  # benchmarks/convergence.py figures
         "te": ["transformer-engine[pytorch]"],
     },

@@ -248,6 +248,12 @@ class CheckpointArgs:
     exit_duration_in_mins: Optional[float] = _f(None, "Exit (saving first with --save) after the first iteration "
                                                      "that ends more than this many minutes after start-up.")
     tensorboard_dir: Optional[str] = _f(None, "Write TensorBoard scalars here.")
+    wandb_project: Optional[str] = _f(None, "Log to Weights & Biases in this project (the last rank; the same "
+                                            "scalars as TensorBoard; needs pip install -e .[wandb]; "
+                                            "WANDB_MODE=offline for no network).")
+    wandb_exp_name: Optional[str] = _f(None, "The W&B run's name (default: one W&B chooses).")
+    wandb_save_dir: Optional[str] = _f(None, "Where the W&B run's files go (default: <--save>/wandb).")
+    wandb_entity: Optional[str] = _f(None, "The W&B entity (team or user) of --wandb-project.")
     finetune: bool = _f(False, "With --load: load only the model weights (any layout/plan), start at "
                                "iteration 0 with fresh optimizer, DiLoCo and data state.")
     no_load_optim: Optional[bool] = _f(None, "With --load: do not load the optimizer state and learning-rate schedule "
@@ -681,6 +687,10 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
     for name in ("eval_interval", "log_interval"):
         if getattr(c, name) is not None and getattr(c, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1.")
+    if any(getattr(c, f) is not None for f in ("wandb_project", "wandb_exp_name", "wandb_save_dir", "wandb_entity")):
+        from .metrics import check_wandb_flags  # imports wandb (only when a W&B flag is given)
+
+        check_wandb_flags(c)
     ppu, dl, sn = a.ppu, a.diloco, a.subnet
     if sn.sync == "step" and a.precision.fp16:
         raise ValueError("--subnet-sync step does not support --fp16 (its loss scaling is per replica); "

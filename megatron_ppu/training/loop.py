@@ -233,7 +233,8 @@ class Trainer(_Checkpoints):
         self.losses: List[float] = []  # per-iteration mean loss over DP ranks (logger rank)
         self.final_eval: Dict[str, float] = {}  # the last evaluation of train()
         self.is_logger = dist.get_rank() == dist.get_world_size() - 1  # last stage holds the loss
-        self.tb = metrics.open_tensorboard(a.checkpoint.tensorboard_dir, self.is_logger)
+        # TensorBoard and W&B (logger rank): the same scalars at the same steps
+        self.sinks = metrics.open_sinks(a, self.is_logger, dist.get_world_size())
         self.start_time = time.time()  # for --exit-duration-in-mins
         self.storage_views = None
         # --diloco-merge-diagnostic: one entry per outer sync, in order (every rank; the same numbers)
@@ -362,7 +363,7 @@ class Trainer(_Checkpoints):
         return {"loss": mean, "ppl": math.exp(min(mean, 50.0)), "model": self.sync.evaluated_model}
 
     def _on_merge_report(self, report) -> None:
-        """A sync's merge diagnostic: into :attr:`merge_trace`, the log and TensorBoard."""
+        """A sync's merge diagnostic: into :attr:`merge_trace`, the log and the scalar sinks."""
         m = report.merge
         self.merge_trace.append({"iteration": report.applied_step, "fragment": report.fragment, "local": m.local,
                                  "plain_merge": m.plain_merge, "outer_step": m.outer_step, "gain": m.gain})
@@ -455,9 +456,14 @@ class Trainer(_Checkpoints):
                 self.log(f"exiting at iteration {it} (" + (f"--exit-interval {c.exit_interval}" if c.exit_interval
                          and it % c.exit_interval == 0 else f"--exit-duration-in-mins {c.exit_duration_in_mins}") + ")")
                 break
-        if self.tb is not None:
-            self.tb.flush()
+        if self.sinks is not None:
+            self.sinks.flush()
         return self.final_eval
+
+    def close(self) -> None:
+        """After training: close the scalar sinks (TensorBoard file, W&B run: ``wandb.finish``)."""
+        if self.sinks is not None:
+            self.sinks.close()
 
 
 def run(argv: Optional[List[str]] = None) -> Trainer:
@@ -469,6 +475,7 @@ def run(argv: Optional[List[str]] = None) -> Trainer:
     if args.checkpoint.load:
         trainer.load()
     trainer.train()
+    trainer.close()
     return trainer
 
 

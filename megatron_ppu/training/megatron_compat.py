@@ -85,10 +85,6 @@ NO_EFFECT: Dict[str, str] = {
     # logging / timing / profiling / monitoring
     "--tensorboard-log-interval": "TensorBoard scalars are written every --log-interval iterations here",
     "--tensorboard-queue-size": "a TensorBoard writer buffer size",
-    "--wandb-project": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
-    "--wandb-entity": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
-    "--wandb-exp-name": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
-    "--wandb-save-dir": "Weights & Biases logging is not implemented (use --tensorboard-dir)",
     "--log-straggler": "straggler detection is not implemented (monitoring only)",
     "--profile": "the Nsight/PyTorch profiler hooks are not implemented (profiling only)",
     "--use-pytorch-profiler": "the PyTorch profiler hook is not implemented (profiling only)",

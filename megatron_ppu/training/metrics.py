@@ -1,13 +1,15 @@
 """What the training log reports, with Megatron-LM's names: the iteration line (loss, learning
-rate, grad norm, throughput, bytes sent), its timers, TensorBoard scalars, the params norm and
-memory; and the model FLOPs of an iteration."""
+rate, grad norm, throughput, bytes sent), its timers, the scalars of TensorBoard and Weights &
+Biases (:class:`ScalarSinks`: one list of scalars per step, written to both), the params norm
+and memory; and the model FLOPs of an iteration."""
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -106,7 +108,7 @@ def log_iterations(t, it: int, window: List[Dict[str, float]], elapsed: float, l
     timers = {k: 1000 * sum(w["timers"].get(k, 0.0) for w in window) / len(window)
               for k in ("forward-backward", "optimizer", "outer-sync")}
     logger.info("timers (ms per iteration, this rank): " + " | ".join(f"{k}: {v:.1f}" for k, v in timers.items()))
-    if t.tb is None:
+    if t.sinks is None:
         return
     scalars = [("lm loss", loss), ("learning-rate", lr), ("grad-norm", window[-1]["grad_norm"]),
                ("tokens-per-sec", tokens), ("outer-sync-bytes", outer)]
@@ -120,23 +122,22 @@ def log_iterations(t, it: int, window: List[Dict[str, float]], elapsed: float, l
         scalars += [(f"{k}-time", v) for k, v in timers.items()]
     if c.log_memory_to_tensorboard:
         scalars += list(memory_stats().items())
-    for k, v in scalars:
-        t.tb.add_scalar(k, v, it)
+    t.sinks.write(it, scalars)
 
 
 def log_evaluation(t, it: int, result: Dict[str, float], seconds: float) -> None:
-    """The validation line and TensorBoard scalars (logger rank)."""
+    """The validation line and its scalars (logger rank)."""
     c = t.args.checkpoint
     t.log(f"validation loss at iteration {it} ({result['model']} model) | lm loss value: "
           f"{result['loss']:.6E} | lm loss PPL: {result['ppl']:.6E} |")
-    if t.tb is not None:
-        t.tb.add_scalar("validation loss", result["loss"], it)
-        t.tb.add_scalar("validation ppl", result["ppl"], it)
-        t.tb.add_scalar("lm loss validation", result["loss"], it)  # Megatron-LM's tags
+    if t.sinks is not None:
+        scalars = [("validation loss", result["loss"]), ("validation ppl", result["ppl"]),
+                   ("lm loss validation", result["loss"])]  # the last: Megatron-LM's tag
         if c.log_validation_ppl_to_tensorboard:
-            t.tb.add_scalar("lm loss validation ppl", result["ppl"], it)
+            scalars.append(("lm loss validation ppl", result["ppl"]))
         if c.log_timers_to_tensorboard and c.timing_log_level >= 1:
-            t.tb.add_scalar("evaluate-time", 1000 * seconds, it)
+            scalars.append(("evaluate-time", 1000 * seconds))
+        t.sinks.write(it, scalars)
 
 
 def log_merge(t, report) -> None:
@@ -148,20 +149,20 @@ def log_merge(t, report) -> None:
     t.log(f"merge diagnostic at iteration {report.applied_step} (fragment {report.fragment}) | local models: "
           f"{m.local:.6E} | plain merge: {m.plain_merge:.6E} | outer step: {m.outer_step:.6E} | "
           f"merge gain: {m.gain:+.6E} |")
-    if t.tb is not None:
-        for tag, v in (("local-loss", m.local), ("plain-merge-loss", m.plain_merge),
-                       ("outer-step-loss", m.outer_step), ("gain", m.gain)):
-            t.tb.add_scalar(f"merge/{tag}" + (f"-fragment{report.fragment}" if report.fragment else ""),
-                            v, report.applied_step)
+    if t.sinks is not None:
+        t.sinks.write(report.applied_step, [
+            (f"merge/{tag}" + (f"-fragment{report.fragment}" if report.fragment else ""), v)
+            for tag, v in (("local-loss", m.local), ("plain-merge-loss", m.plain_merge),
+                           ("outer-step-loss", m.outer_step), ("gain", m.gain))])
 
 
 def log_save(t, it: int, seconds: float) -> None:
-    """The save timer line and TensorBoard scalar."""
+    """The save timer line and scalar."""
     c = t.args.checkpoint
     if c.timing_log_level >= 1:
         t.log(f"timers: save-checkpoint: {1000 * seconds:.1f} ms")
-    if t.tb is not None and c.log_timers_to_tensorboard and c.timing_log_level >= 1:
-        t.tb.add_scalar("save-checkpoint-time", 1000 * seconds, it)
+    if t.sinks is not None and c.log_timers_to_tensorboard and c.timing_log_level >= 1:
+        t.sinks.write(it, [("save-checkpoint-time", 1000 * seconds)])
 
 
 def progress(t, it: int) -> None:
@@ -175,12 +176,120 @@ def progress(t, it: int) -> None:
             sys.stderr.write("\n")
 
 
-def open_tensorboard(directory: Optional[str], is_logger: bool):
-    """A SummaryWriter on the logger rank with ``--tensorboard-dir``, else None."""
-    if not directory or not is_logger:
+class ScalarSinks:
+    """Where the logger rank's scalars go: TensorBoard (``--tensorboard-dir``, a
+    ``SummaryWriter``) and Weights & Biases (``--wandb-project``, a ``wandb`` run), each given
+    the same (tag, value) pairs at the same step by :meth:`write`."""
+
+    def __init__(self, tensorboard=None, wandb_run=None):
+        assert tensorboard is not None or wandb_run is not None
+        self.tensorboard, self.wandb_run = tensorboard, wandb_run
+
+    def write(self, step: int, scalars: Sequence[Tuple[str, float]]) -> None:
+        """The scalars of one step, to every sink (W&B: one ``log`` call, ``step`` = iteration)."""
+        if self.tensorboard is not None:
+            for k, v in scalars:
+                self.tensorboard.add_scalar(k, v, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in scalars}, step=step)
+
+    def flush(self) -> None:
+        """Make what was written so far visible (TensorBoard's event file)."""
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+
+    def close(self) -> None:
+        """At the end of the run: close the event file, finish the W&B run (its files
+        complete, offline or synced, as Megatron-LM's ``wandb_writer.finish()``)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def open_sinks(a, is_logger: bool, world_size: int) -> Optional[ScalarSinks]:
+    """The logger rank's :class:`ScalarSinks` (``a``: the run's ``TrainArgs``; the last rank
+    logs, as in Megatron-LM), None on the other ranks and without ``--tensorboard-dir`` and
+    ``--wandb-project``."""
+    c = a.checkpoint
+    if not is_logger or not (c.tensorboard_dir or c.wandb_project):
         return None
+    return ScalarSinks(open_tensorboard(c.tensorboard_dir) if c.tensorboard_dir else None,
+                       open_wandb(c, run_config(a, world_size)) if c.wandb_project else None)
+
+
+def open_tensorboard(directory: str):
+    """A SummaryWriter writing to ``directory`` (``--tensorboard-dir``)."""
     try:
         from torch.utils.tensorboard import SummaryWriter  # optional dependency (tensorboard)
     except ImportError as e:
         raise ValueError("--tensorboard-dir needs the tensorboard package (pip install tensorboard).") from e
     return SummaryWriter(directory)
+
+
+#: Megatron-LM's W&B flags (logging group): all but --wandb-project only mean something with it.
+WANDB_FLAGS = ("wandb_project", "wandb_exp_name", "wandb_save_dir", "wandb_entity")
+
+
+def check_wandb_flags(c) -> None:
+    """Parse-time (every rank) checks of the ``--wandb-*`` flags (``c``: ``CheckpointArgs``):
+    ``--wandb-project`` needs the ``wandb`` package (imported here, only when a W&B flag is
+    given) and a place for its files (``--wandb-save-dir``, or ``--save`` as in Megatron-LM:
+    ``<save>/wandb``); the other W&B flags need ``--wandb-project``."""
+    given = [f for f in WANDB_FLAGS if getattr(c, f) is not None]
+    flags = ", ".join("--" + f.replace("_", "-") for f in given)
+    if not c.wandb_project:  # absent or empty (Megatron-LM's "off")
+        if given[1:] or (given and given[0] != "wandb_project"):
+            raise ValueError(f"{flags} given without --wandb-project NAME: Weights & Biases logging is on only "
+                             "with a project (Megatron-LM ignores the other --wandb-* flags without one); give "
+                             "--wandb-project or drop them.")
+        return
+    try:
+        import wandb  # noqa: F401  (the optional extra: pip install -e .[wandb])
+    except ImportError as e:
+        raise ValueError(f"Weights & Biases logging ({flags}) needs the wandb package, which is not installed: "
+                         f"pip install -e .[wandb] (megatron_ppu's optional extra) or pip install wandb; or drop "
+                         f"the --wandb-* flags ({type(e).__name__}: {e}).") from e
+    if c.wandb_exp_name == "":
+        raise ValueError("--wandb-exp-name is empty: give the experiment name (Megatron-LM: 'Please specify the "
+                         "wandb experiment name!'), or leave the flag out for a name W&B chooses.")
+    if not c.wandb_save_dir and not c.save:
+        raise ValueError("--wandb-project needs --wandb-save-dir DIR or --save DIR: the W&B run's files go to "
+                         "--wandb-save-dir, by default <--save>/wandb as in Megatron-LM.")
+
+
+def run_config(a, world_size: int) -> dict:
+    """The W&B run's config: every flag's value under its Megatron-LM dest name (``lr``,
+    ``hidden_size``, ``ppu_slices``, ...; Megatron-LM logs ``vars(args)``), the world size, and
+    ``slurm_job_name`` (as Megatron-LM adds it)."""
+    from .arguments import GROUP_ATTR, GROUPS
+
+    out = {}
+    for cls in GROUPS:
+        for k, v in a.flag_values(getattr(a, GROUP_ATTR[cls])).items():
+            ok = v is None or isinstance(v, (bool, int, float, str)) or (
+                isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
+            out[k] = list(v) if isinstance(v, tuple) else v if ok else str(v)
+    out["world_size"] = world_size
+    out["slurm_job_name"] = os.getenv("SLURM_JOB_NAME", "N/A")
+    return out
+
+
+def open_wandb(c, config: dict):
+    """``wandb.init`` as Megatron-LM's ``_set_wandb_writer`` (core_v0.16.1) calls it: project
+    ``--wandb-project``, name ``--wandb-exp-name`` (None: W&B's own), entity ``--wandb-entity``
+    if given, files in ``--wandb-save-dir`` (default ``<--save>/wandb``, created), ``config``
+    the run's settings. ``WANDB_MODE=offline`` (W&B's own variable) writes the run without a
+    network; ``wandb sync`` uploads it later. Returns the run."""
+    import wandb  # checked at parse time (check_wandb_flags)
+
+    save_dir = c.wandb_save_dir or os.path.join(c.save, "wandb")
+    os.makedirs(save_dir, exist_ok=True)
+    kwargs = {"dir": save_dir, "name": c.wandb_exp_name, "project": c.wandb_project, "config": config}
+    if c.wandb_entity:
+        kwargs["entity"] = c.wandb_entity
+    run = wandb.init(**kwargs)
+    logger.info(f"Weights & Biases run {run.name} (project {run.project}) in {os.path.dirname(run.dir)}")
+    return run
