@@ -180,23 +180,31 @@ class SDPAttention(MegatronModule):
 
     def _sdpa(self, q, k, v, mask, p, is_causal) -> Tensor:
         kernels = _cuda_kernels(self.backend, self.config.deterministic_mode) if q.is_cuda else None
-        if kernels is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                                  scale=self.softmax_scale)
-        from torch.nn.attention import sdpa_kernel
+        return sdpa(q, k, v, mask, p, is_causal, self.softmax_scale, kernels, self.backend)
 
-        try:
-            with sdpa_kernel(kernels, set_priority=True):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal,
-                                                      scale=self.softmax_scale)
-        except RuntimeError as e:
-            if "kernel" not in str(e) and "backend" not in str(e):
-                raise
-            raise ValueError(
-                f"--attention-backend {self.backend}: none of torch's {[k.name for k in kernels]} kernels can run "
-                f"this attention (dtype {q.dtype}, head dim {q.size(-1)}, dropout {p}, "
-                f"{'explicit mask' if mask is not None else 'causal' if is_causal else 'no mask'}; torch's warnings "
-                f"above say why). Use --attention-backend auto (torch picks a kernel that can) or local.") from e
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+         kernels=None, backend: str = "auto") -> Tensor:
+    """``scaled_dot_product_attention`` on ``[b, heads, s, head_dim]``, restricted to ``kernels`` (a list of
+    ``SDPBackend``, in priority order; None: torch's choice). A call none of them can run raises
+    ``ValueError`` naming ``--attention-backend backend``."""
+    if kernels is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale)
+    from torch.nn.attention import sdpa_kernel
+
+    try:
+        with sdpa_kernel(kernels, set_priority=True):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                                  scale=scale)
+    except RuntimeError as e:
+        if "kernel" not in str(e) and "backend" not in str(e):
+            raise
+        raise ValueError(
+            f"--attention-backend {backend}: none of torch's {[k.name for k in kernels]} kernels can run this "
+            f"attention (device {q.device.type}, dtype {q.dtype}, head dim {q.size(-1)}, dropout {dropout_p}, "
+            f"{'explicit mask' if mask is not None else 'causal' if is_causal else 'no mask'}; torch's warnings "
+            f"above say why). Use --attention-backend auto (torch picks a kernel that can) or local.") from e
 
 
 def core_attention_for(backend: str):

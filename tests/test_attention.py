@@ -186,6 +186,7 @@ def _dropout_worker(rank, world_size):
     dev = _device()
     init_parallel(2)
     out = {}
+    rng_state = torch.cuda.get_rng_state if dev.type == "cuda" else torch.get_rng_state  # what dropout draws from
     # one head per rank, value = identity (sk = head dim): the output rows ARE the dropped-out probabilities
     s = hd = 64
     g = torch.Generator().manual_seed(7)  # the same inputs on both TP ranks
@@ -211,9 +212,9 @@ def _dropout_worker(rank, world_size):
         sdpa, dpa = build(SDPAttention, sp), build(DotProductAttention, sp)
         r = {}
         seeded(11)
-        before = torch.get_rng_state()
+        before = rng_state()
         a = sdpa(q, k, v, None).reshape(s, s)
-        r["default_generator_untouched"] = torch.equal(before, torch.get_rng_state())
+        r["default_generator_untouched"] = torch.equal(before, rng_state())
         seeded(11)
         r["same_seed_same"] = torch.equal(a, sdpa(q, k, v, None).reshape(s, s))
         seeded(12)
@@ -240,9 +241,9 @@ def _dropout_worker(rank, world_size):
         seeded(11)
         r["sdpa_out"] = a.cpu()
         seeded(11)
-        before = torch.get_rng_state()
+        before = rng_state()
         r["dpa_out"] = dpa(q, k, v, None).reshape(s, s).cpu()
-        r["dpa_default_generator_untouched"] = torch.equal(before, torch.get_rng_state())
+        r["dpa_default_generator_untouched"] = torch.equal(before, rng_state())
         out["sp" if sp else "no_sp"] = r
     return out
 
@@ -340,3 +341,49 @@ def test_attention_flags_map_as_in_megatron_lm():
     parse_args(BASE + ["--deterministic-mode"])  # auto: torch's deterministic math kernel on CUDA
     with pytest.raises(ValueError, match="attention-backend"):
         core_attention_for("sdpa")
+
+
+@pytest.mark.timeout(120)
+def test_kernel_restriction_and_its_error_up_to_the_cuda_call():
+    """What SDPAttention does on CUDA, on CPU tensors: the kernels each backend allows, the restricted call
+    (the same result as torch's own choice) and the ValueError naming the flag when no allowed kernel can run
+    (torch's CPU flash kernel has no dropout)."""
+    from torch.nn.attention import SDPBackend
+
+    from megatron_ppu.attention import _cuda_kernels, sdpa
+
+    assert _cuda_kernels("auto", False) is None
+    assert _cuda_kernels("flash", False) == [SDPBackend.FLASH_ATTENTION]
+    assert _cuda_kernels("fused", False) == [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    assert _cuda_kernels("auto", True) == [SDPBackend.MATH]
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 32, 16, generator=g) for _ in range(3))
+    free = sdpa(q, k, v, None, 0.0, True, 0.25)
+    forced = sdpa(q, k, v, None, 0.0, True, 0.25, [SDPBackend.FLASH_ATTENTION], "flash")
+    ref = _reference(*(t.permute(2, 0, 1, 3) for t in (q, k, v)), None, 0.25)
+    assert torch.allclose(forced.permute(2, 0, 1, 3).reshape(32, 2, -1).double(), ref, atol=1e-5)
+    assert torch.equal(free, forced)  # torch's CPU choice is its flash kernel
+    with pytest.raises(ValueError, match=r"--attention-backend flash: none of torch's \['FLASH_ATTENTION'\] kernels"):
+        sdpa(q, k, v, None, 0.5, True, 0.25, [SDPBackend.FLASH_ATTENTION], "flash")
+
+
+@pytest.mark.timeout(600)
+def test_attention_benchmark_runs_both_backends_and_writes_its_table(tmp_path):
+    """benchmarks/attention.py as scripts/gpu_check.py runs it (there with --device cuda --dtype bf16), small."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.harness import REPO
+
+    p = subprocess.run([sys.executable, "benchmarks/attention.py", "--seq", "128", "256", "--repeats", "1",
+                        "--heads", "2", "--head-dim", "32", "--out", str(tmp_path / "att")], cwd=str(REPO),
+                       capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads((tmp_path / "att.json").read_text())["rows"]
+    assert sorted((r["seq"], r["module"]) for r in rows) == [
+        (128, "DotProductAttention"), (128, "SDPAttention"), (256, "DotProductAttention"), (256, "SDPAttention")]
+    assert all(r["step_s"] > 0 and r["peak_bytes"] >= 0 and r["score_matrix_bytes"] == 2 * r["seq"] ** 2 * 4
+               for r in rows)
+    md = (tmp_path / "att.md").read_text()
+    assert "| 128 |" in md and "| 256 |" in md and "local / flash" in md
