@@ -5,7 +5,7 @@ DotProductAttention, the module it replaces, and against a plain float64 PyTorch
   MHA and GQA, TP 1 and 2 (2 gloo ranks, each holding its half of the heads), plus an explicit
   attention mask, --apply-query-key-layer-scaling, an explicit softmax scale and sequence parallelism.
   Tolerances, as the max abs difference over a tensor divided by the max abs of the float64
-  reference's tensor (output, dq, dk, dv; entries O(1)): fp32 2e-6 (measured: at most 5.4e-7);
+  reference's tensor (output, dq, dk, dv; entries O(1)): fp32 5e-6 (measured on CPU: at most 5.4e-7);
   bf16 2e-2 against DotProductAttention, whose scores and softmax are rounded to bf16 when the
   softmax is not in fp32 while the SDPA kernels accumulate in fp32, and 1.6e-2 (two bf16 units
   in the last place) against the float64 reference (measured: at most 8.8e-3 for either).
@@ -31,7 +31,7 @@ import torch
 from tests.harness import run_ranks
 
 S, B, HEADS, HEAD_DIM = 64, 2, 8, 16
-TOL_FP32 = 2e-6
+TOL_FP32 = 5e-6
 TOL_BF16_VS_DPA = 2e-2
 TOL_BF16_VS_REF = 1.6e-2
 
