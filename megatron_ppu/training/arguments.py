@@ -621,8 +621,8 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
                          "refuses it too); drop one of them.")
     if m.deterministic_mode and m.attention_backend in ("flash", "fused"):
         raise ValueError(f"--attention-backend {m.attention_backend} cannot be used with --deterministic-mode: "
-                         "torch does not guarantee deterministic backward passes of its fused attention kernels on CUDA; use "
-                         "--attention-backend auto (torch's deterministic math kernel on CUDA) or local.")
+                         "torch does not guarantee deterministic backward passes of its fused attention kernels "
+                         "on CUDA; use --attention-backend auto (torch's math kernel on CUDA) or local.")
     if pr.fp8_format is not None:
         try:
             import transformer_engine  # noqa: F401
