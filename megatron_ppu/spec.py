@@ -19,6 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from .attention import core_attention_for
 from .config import PPUConfig
 from .layers import (
     PPUAttentionOutputRowParallelLinear,
@@ -69,6 +70,7 @@ def get_gpt_layer_ppu_spec(
     normalization: Optional[str] = None,
     qk_layernorm: bool = False,
     use_transformer_engine: bool = False,
+    attention_backend: str = "local",
 ) -> ModuleSpec:
     """Megatron's local GPT layer spec with the PPU partial linears for replica slice ``slice_index``.
 
@@ -87,6 +89,10 @@ def get_gpt_layer_ppu_spec(
         qk_layernorm: as in ``get_gpt_layer_local_spec``.
         use_transformer_engine: Transformer Engine partial layers are not implemented
             yet; asking for them is an error rather than a silent fallback.
+        attention_backend: the ``core_attention`` (``--attention-backend``): ``"local"`` /
+            ``"unfused"`` keep megatron-core's ``DotProductAttention`` (the default here, Megatron's
+            own local spec); ``"auto"`` / ``"flash"`` / ``"fused"`` use
+            :class:`~megatron_ppu.attention.SDPAttention` (torch's fused SDPA kernels).
     """
     if use_transformer_engine:
         raise ValueError(
@@ -99,6 +105,7 @@ def get_gpt_layer_ppu_spec(
     local = copy.deepcopy(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
     # megatron's layer, maskable by the SDP blocks plan (identical unless masked)
     spec = dataclasses.replace(_with_torch_norms(local), module=MaskableTransformerLayer)
+    spec.submodules.self_attention.submodules.core_attention = core_attention_for(attention_backend)
     if n == 1:
         return spec
     params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}
@@ -122,6 +129,7 @@ def get_gpt_decoder_ppu_spec(
     normalization: Optional[str] = None,
     qk_layernorm: bool = False,
     use_transformer_engine: bool = False,
+    attention_backend: str = "local",
     vp_stage: Optional[int] = None,
     pp_rank: Optional[int] = None,
 ) -> TransformerBlockSubmodules:
@@ -135,12 +143,12 @@ def get_gpt_decoder_ppu_spec(
 
     Args:
         config: the model's ``TransformerConfig`` (layers per stage, normalisation).
-        ppu, slice_index, normalization, qk_layernorm, use_transformer_engine: as in
+        ppu, slice_index, normalization, qk_layernorm, use_transformer_engine, attention_backend: as in
             :func:`get_gpt_layer_ppu_spec`.
         vp_stage, pp_rank: as in Megatron's ``get_num_layers_to_build`` (default: this rank).
     """
     layer = get_gpt_layer_ppu_spec(ppu, slice_index, normalization=normalization, qk_layernorm=qk_layernorm,
-                                   use_transformer_engine=use_transformer_engine)
+                                   use_transformer_engine=use_transformer_engine, attention_backend=attention_backend)
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers,
                                       layer_norm=layer.submodules.input_layernorm)

@@ -14,6 +14,10 @@ Checks:
   tp2-sp         2 ranks, TP=2, --sequence-parallel, --bf16
   pp2            2 ranks, PP=2, --bf16
   grads-cuda     tests/test_partial_layers.py's owned-gradient check with the models on CUDA
+  attention-cuda tests/test_attention.py's SDPA-vs-DotProductAttention equality and dropout checks on CUDA
+                 (bf16 with the flash and the fused kernels forced)
+  attention-bench benchmarks/attention.py on CUDA in bf16: peak memory and step time of the core attention,
+                 local vs flash (SDPA), sequence 1,024 / 2,048 / 4,096
   classes        which optimizer / norm / attention classes and fused paths Megatron picked
   memory-*       peak torch.cuda.max_memory_allocated per rank, 4 ranks sharing the GPU (K = 4):
                  DiLoCo vs PPU 1/4 MLPs vs PPU 1/4 MLPs + 1/4 heads on a 1.3B-parameter GPT
@@ -195,6 +199,43 @@ def main() -> int:
         c.row("grads-cuda", p.returncode == 0, f"{tail[0]} ({time.monotonic() - t0:.0f} s)")
     else:
         c.row("grads-cuda", "SKIP", "the 8-minute budget is spent")
+
+    # issue 25: the SDPA attention equal to megatron-core's DotProductAttention on CUDA (bf16 with the flash and
+    # the fused kernels forced, fp32 with torch's choice; TP 1 and 2), its dropout; then benchmarks/attention.py
+    # in bf16 (peak memory and step time, sequence 1,024 / 2,048 / 4,096, both backends)
+    if c.left() > 60:
+        env = dict(os.environ, PPU_TEST_DEVICE="cuda", PYTHONWARNINGS="ignore")
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                            "tests/test_attention.py", "-k", "equals or dropout"],
+                           cwd=str(REPO), env=env, capture_output=True, text=True, timeout=min(150, c.left() - 10))
+        tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+        c.row("attention-cuda", p.returncode == 0, f"{tail[0]} ({time.monotonic() - t0:.0f} s)")
+    else:
+        c.row("attention-cuda", "SKIP", "the 8-minute budget is spent")
+    if c.left() > 90:
+        t0 = time.monotonic()
+        prefix = os.path.join(logs, "attention_cuda_bf16")
+        try:
+            p = subprocess.run([sys.executable, "benchmarks/attention.py", "--device", "cuda", "--dtype", "bf16",
+                                "--batch", "4", "--heads", "16", "--head-dim", "128", "--timeout", "60",
+                                "--out", prefix], cwd=str(REPO), env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                               capture_output=True, text=True, timeout=min(150, c.left() - 10))
+            if p.returncode == 0:
+                rows = json.load(open(prefix + ".json", encoding="utf-8"))["rows"]
+                by = {(r["seq"], r["backend"]): r for r in rows}
+                detail = "; ".join(f"s={s}: peak {by[s, 'local']['peak_bytes'] / 2**20:.0f} vs "
+                                   f"{by[s, 'flash']['peak_bytes'] / 2**20:.0f} MiB, step "
+                                   f"{by[s, 'local']['step_s'] * 1e3:.1f} vs {by[s, 'flash']['step_s'] * 1e3:.1f} ms"
+                                   for s in sorted({r["seq"] for r in rows}))
+                c.row("attention-bench", "INFO", f"local vs flash (SDPA), bf16, b=4, 16 heads x 128: {detail} "
+                                                 f"({time.monotonic() - t0:.0f} s)", rows=rows)
+            else:
+                c.row("attention-bench", False, f"benchmark failed: ...{(p.stdout + p.stderr)[-600:]}")
+        except subprocess.TimeoutExpired:
+            c.row("attention-bench", "SKIP", f"stopped at the budget ({time.monotonic() - t0:.0f} s)")
+    else:
+        c.row("attention-bench", "SKIP", "the 8-minute budget is spent")
 
     if not a.skip_memory:
         base = None

@@ -2,7 +2,8 @@
 # The first-GPU check (issue 13, item 9): on a machine with one NVIDIA GPU and no network, run
 # scripts/gpu_check.py (single-rank NCCL bf16 training, save + resume, 2 ranks sharing the GPU with
 # PPU 1/2, TP=2 + sequence parallelism, PP=2, the partial-layer gradient check on CUDA, the classes and
-# fused paths Megatron picked, peak memory of DiLoCo vs PPU 1/4 vs PPU 1/4 + heads) and print a table.
+# fused paths Megatron picked, the SDPA attention vs DotProductAttention on CUDA and its bf16 benchmark,
+# peak memory of DiLoCo vs PPU 1/4 vs PPU 1/4 + heads) and print a table.
 # Finishes in under 8 minutes. On a machine without CUDA it says so and exits 3 without running anything.
 #
 #   bash scripts/gpu_check.sh                    # on the GPU machine

@@ -44,7 +44,10 @@ FIXTURE = Path(__file__).parent / "fixtures" / "regression_trace.json"
 TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32",
         "--num-attention-heads", "4", "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-3",
         "--lr-warmup-iters", "2", "--eval-iters", "1", "--log-interval", "100", "--eval-interval", "100",
-        "--train-iters", "7"]
+        "--train-iters", "7",
+        # megatron-core's DotProductAttention, as when the trace was recorded; the default (auto) now runs the
+        # SDPA attention (megatron_ppu.attention), which moves the last bits (tests/test_attention.py compares them)
+        "--attention-backend", "local"]
 
 RUNS = {
     "ddp": ["--diloco-local-steps", "0"],

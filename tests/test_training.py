@@ -120,9 +120,9 @@ def _cli(args, tmp_path, timeout=240):
 
 @pytest.mark.timeout(900)
 def test_unsupported_megatron_flag_is_an_error_naming_it(tmp_path):
-    r = _cli(["--use-flash-attn", "--num-layers", "2", "--save", str(tmp_path / "out")], tmp_path)
+    r = _cli(["--mtp-num-layers", "1", "--num-layers", "2", "--save", str(tmp_path / "out")], tmp_path)
     assert r.returncode == 2
-    assert "--use-flash-attn" in r.stderr and "unsupported" in r.stderr
+    assert "--mtp-num-layers" in r.stderr and "unsupported" in r.stderr
     assert not (tmp_path / "out").exists()
 
 

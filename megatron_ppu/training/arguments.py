@@ -79,9 +79,11 @@ class ModelArgs:
     apply_query_key_layer_scaling: bool = _f(False, "Scale Q.K^T by 1 / layer number (with the softmax in "
                                                     "fp32); has an effect in fp16 only, as in Megatron-LM.")
     attention_softmax_in_fp32: bool = _f(False, "Compute the attention softmax in fp32 (bf16/fp16 runs).")
-    attention_backend: str = _f("auto", "Attention implementation: auto, unfused and local all mean "
-                                        "megatron-core's local DotProductAttention here; flash and fused need "
-                                        "Transformer Engine and are refused.",
+    attention_backend: str = _f("auto", "Core attention: auto (Megatron-LM's default), flash and fused run "
+                                        "torch's scaled_dot_product_attention (megatron_ppu.attention; on CUDA "
+                                        "auto lets torch pick a kernel, flash allows only its flash kernel, fused "
+                                        "only its cuDNN / memory-efficient ones); unfused and local run "
+                                        "megatron-core's DotProductAttention (S x S scores).",
                                 choices=["auto", "unfused", "local", "flash", "fused"])
     transformer_impl: str = _f("local", "Layer implementation: local (megatron-core's own layers; the only one "
                                         "megatron_ppu's partial layers exist for). Megatron-LM's default "
@@ -420,10 +422,6 @@ def _field_value_refusals(values: dict) -> List[tuple]:
                     "local layers (--transformer-impl local: the same model, unfused kernels)"))
     if values.get("fp8_format") is not None:
         out.append(("--fp8-format", values["fp8_format"], REFUSED["--fp8-format"]))
-    if values["attention_backend"] in ("flash", "fused"):
-        out.append(("--attention-backend", values["attention_backend"],
-                    "flash/fused attention needs Transformer Engine; use --attention-backend unfused (or auto), "
-                    "megatron-core's local DotProductAttention"))
     return out
 
 
@@ -624,6 +622,13 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
         raise ValueError("--swiglu and --squared-relu are mutually exclusive (both choose the MLP activation).")
     if pr.bf16 and pr.fp16:
         raise ValueError("--bf16 and --fp16 are mutually exclusive.")
+    if m.deterministic_mode and any(f == "--use-flash-attn" for f, _, _ in a.accepted):
+        raise ValueError("--use-flash-attn cannot be used with --deterministic-mode (Megatron-LM's validate_args "
+                         "refuses it too); drop one of them.")
+    if m.deterministic_mode and m.attention_backend in ("flash", "fused"):
+        raise ValueError(f"--attention-backend {m.attention_backend} cannot be used with --deterministic-mode: "
+                         "torch does not guarantee deterministic backward passes of its fused attention kernels "
+                         "on CUDA; use --attention-backend auto (torch's math kernel on CUDA) or local.")
     if pr.fp8_format is not None:
         try:
             import transformer_engine  # noqa: F401

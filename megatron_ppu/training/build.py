@@ -212,9 +212,10 @@ def megatron_transformer_fields(a: TrainArgs) -> dict:
         "qk_layernorm": m.qk_layernorm, "rotary_interleaved": m.rotary_interleaved,
         "deterministic_mode": m.deterministic_mode, "layernorm_epsilon": m.norm_epsilon,
         "calculate_per_token_loss": a.training.calculate_per_token_loss,
-        # --attention-backend auto/unfused/local all mean megatron-core's local DotProductAttention, the
-        # only one without Transformer Engine (flash/fused are refused at parsing); the config says so
-        # (megatron-core then sets the NVTE_*_ATTN variables consistently for every run of a process).
+        # No Transformer Engine here: --attention-backend picks the layer spec's core_attention instead
+        # (megatron_ppu.attention: SDPA for auto/flash/fused, DotProductAttention for unfused/local, see
+        # _build_model). The config says local, megatron-core's name for "no TE attention" (it then sets
+        # the NVTE_*_ATTN variables the same way for every run of a process).
         "attention_backend": AttnBackend.local,
     }
     out["activation_func"] = F.silu if m.swiglu else squared_relu if m.squared_relu else F.gelu
@@ -261,7 +262,8 @@ def _build_model(a: TrainArgs, config: TransformerConfig, ppu: PPUConfig, layout
     m = a.model
     # the decoder block spec, so that the final norm also takes --sequence-parallel
     spec = get_gpt_decoder_ppu_spec(config, ppu, layout.slice_index(ppu.num_slices),
-                                    normalization=m.normalization, qk_layernorm=m.qk_layernorm)
+                                    normalization=m.normalization, qk_layernorm=m.qk_layernorm,
+                                    attention_backend=m.attention_backend)
     model = GPTModel(
         config, spec, vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

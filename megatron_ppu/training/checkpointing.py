@@ -201,7 +201,7 @@ def megatron_lm_args(train_args, *, world_size: int, data_parallel_size: int, pa
     ns.num_query_groups = m.num_query_groups if m.group_query_attention else m.num_attention_heads
     from megatron.core.transformer.enums import AttnBackend
 
-    # The run's value (auto / unfused / local all run megatron-core's local attention here): Megatron-LM's
+    # The run's value (megatron_ppu.attention: SDPA for auto/flash/fused, DotProductAttention otherwise): Megatron-LM's
     # validate_args refuses AttnBackend.local without a local --spec, and convert.py copies these args.
     ns.attention_backend = AttnBackend[a.model.attention_backend]
     ns.padded_vocab_size = padded_vocab_size

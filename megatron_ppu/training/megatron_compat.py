@@ -47,6 +47,9 @@ NO_EFFECT: Dict[str, str] = {
     "--use-mcore-models": "megatron_ppu always builds megatron-core models",
     "--accumulate-allreduce-grads-in-fp32": "gradients are always accumulated and reduced in fp32 here",
     "--use-legacy-models": "megatron_ppu always builds megatron-core models",
+    "--use-flash-attn": "as in Megatron-LM (core_v0.16.1), which reads it only for its legacy models: megatron-core "
+                        "models take their attention from --attention-backend, whose default auto runs the fused SDPA "
+                        "attention (megatron_ppu.attention); refused with --deterministic-mode, as in Megatron-LM",
     "--no-gradient-accumulation-fusion": "gradient-accumulation fusion (apex/TE) is never used here; main_grad "
                                          "accumulation is unfused",
     "--no-masked-softmax-fusion": _FUSION, "--no-bias-gelu-fusion": _FUSION, "--no-bias-swiglu-fusion": _FUSION,
@@ -172,7 +175,6 @@ REFUSED: Dict[str, str] = {
     "--quick-geglu": "the quick-GeGLU activation is not implemented (use --swiglu or the default GeLU)",
     "--fp16-lm-cross-entropy": "the fp16 LM cross-entropy is not implemented",
     "--sequence-parallel-cross-entropy": "not implemented",
-    "--use-flash-attn": "flash attention " + _TE + " (--attention-backend flash); the local attention is unfused",
     "--mtp-num-layers": "multi-token prediction (MTP) is not supported",
     "--cuda-graph-impl": "CUDA graphs are not supported", "--enable-cuda-graph": "CUDA graphs are not supported",
     "--external-cuda-graph": "CUDA graphs are not supported",
