@@ -51,7 +51,7 @@ from .megatron_lm import (CHECKPOINT_ARGS, apply_checkpoint_args, ignore_constan
                           load_megatron_lm_checkpoint, megatron_lm_entries, megatron_rng_state,
                           scheduler_to_iterations, scheduler_to_samples)
 from .save_load import load_model_weights, load_optimizer, rank_contents, restore, save_checkpoint
-from .sharding import shard_state, unshard_state
+from .sharding import _TensorRef, shard_state, unshard_state  # noqa: F401 (_TensorRef: pickled by this name)
 from .state import Restored, RunShape, TrainingState, rng_state, set_rng_state
 from .storage import PROBE_PREFIX, StorageViews, copy_to_views, probe_views
 from .verdicts import SHARED_FS_FIX, CheckpointError, agreed, same_everywhere

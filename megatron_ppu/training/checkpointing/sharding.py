@@ -25,6 +25,10 @@ from .verdicts import CheckpointError
 
 @dataclass(frozen=True)
 class _TensorRef:
+    # The rank files pickle the skeleton, and with it this class by its module's name: keep the name
+    # the files have held since format 2 (the package re-exports it), so that checkpoints written
+    # before and after the package split read alike.
+    __module__ = "megatron_ppu.training.checkpointing"
     index: int
 
 
