@@ -28,7 +28,8 @@ import logging
 import os
 from typing import Callable, Dict, Optional
 
-from .format import check_compatible, check_model_part, checkpoint_kind, load_rank_state, read_run_info, resolve_checkpoint
+from .format import (check_compatible, check_model_part, checkpoint_kind, load_rank_state, read_run_info,
+                     resolve_checkpoint)
 from .megatron_lm import load_megatron_lm_checkpoint, megatron_lm_entries
 from .save_load import load_model_weights, rank_contents, restore, save_checkpoint
 from .sharding import unshard_state
