@@ -208,7 +208,7 @@ def _volume_worker(rank, world_size, runs):
     for argv in runs:
         t = run(argv)
         out.append({"losses": list(t.losses), "eval": t.final_eval, "logger": dist.get_rank() == world_size - 1,
-                    "saved": getattr(t, "last_save", None)})
+                    "saved": t.checkpointer.last_save})
     return out
 
 

@@ -57,9 +57,6 @@ ALLOWED = {
     **{("megatron_ppu/data/tokenizer_training.py", "lines_of", "counters." + c): "the enclosing function's "
        "statistics object (megatron_ppu's own counters dataclass, an annotated parameter there), filled in as "
        "the documents are read" for c in ("long_lines_split", "sentences", "training_bytes")},
-    **{("megatron_ppu/training/checkpointing.py", "load_megatron_lm_checkpoint", t): "the Trainer (megatron_ppu's "
-       "own) whose position a loaded Megatron-LM checkpoint sets" for t in ("trainer.iteration",
-                                                                           "trainer.batches.consumed_samples")},
     ("megatron_ppu/norms.py", "_mark_sequence_parallel", "setattr(p)"):
         "TorchNorm.__init__ marks its own parameters with `sequence_parallel`, the documented attribute "
         "Megatron's finalize_model_grads reads (as apex's and TE's norms set it)",

@@ -472,7 +472,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
     if values["use_checkpoint_args"]:
         if not values["load"]:
             raise ValueError("--use-checkpoint-args needs --load DIR (the checkpoint to take the model flags from).")
-        from .checkpointing import apply_checkpoint_args
+        from .checkpointing.megatron_lm import apply_checkpoint_args
 
         from_ckpt, desc = apply_checkpoint_args(values, values["load"])
         explicit = explicit | frozenset(from_ckpt)  # the checkpoint's model: not the embedded default run

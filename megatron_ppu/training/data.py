@@ -190,7 +190,7 @@ def build_datasets(args: TrainArgs, resolved: Dict[str, object], train_samples: 
                 ) from e
     # The builder itself builds on rank 0 first and has the other ranks wait.
     if cache is not None and dist.get_world_size() > 1:
-        from .checkpointing import copy_to_views, probe_views
+        from .checkpointing.storage import copy_to_views, probe_views
 
         views = probe_views(cache, create=True)
         if views.unwritable:

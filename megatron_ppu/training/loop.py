@@ -17,17 +17,15 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..comm import enable_lazy_gloo, group_timeout, process_group_backend, shutdown_process_groups
 from ..patches import apply_cpu_patches
-from . import checkpointing as C
 from . import data as D
 from . import metrics
 from .arguments import EMBEDDED_DEFAULT, TrainArgs, parse_args
 from .build import Run, build_run
-from .checkpointing import rng_state
+from .checkpointing import Checkpointer, Restored, RunShape, TrainingState
 
 logger = logging.getLogger("megatron_ppu.train")
 
@@ -61,162 +59,7 @@ def init_distributed(timeout_minutes: float = 10, backend: str = "nccl") -> None
         apply_cpu_patches()
 
 
-class _Checkpoints:
-    """The :class:`Trainer`'s checkpoints: what a rank saves (:meth:`_rank_state`), :meth:`save`,
-    :meth:`load` (resume, ``--finetune``, Megatron-LM checkpoints) and the storage probe; the
-    formats and the file system rules are :mod:`megatron_ppu.training.checkpointing`'s."""
-
-    def _rank_state(self) -> dict:
-        """What a checkpoint holds for this rank: ``{"rank": own state, "replica": state
-        identical on the inner-DP ranks of this replica}`` (the latter is written split over
-        them, see :func:`checkpointing.shard_state`)."""
-        # "diloco": the synchroniser's state (the key keeps its name for older checkpoints)
-        replica = {"diloco": self.sync.state_dict(),
-                   "local_model": {k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}}
-        own = {"iteration": self.iteration, "consumed_samples": self.batches.consumed_samples,
-               "scheduler": self.scheduler.state_dict(), "plan": self.plan.to_dict(), "rng": rng_state()}
-        if self.args.parallel.use_distributed_optimizer:
-            # Megatron's distributed optimizer: each inner-DP rank holds its own shard of the fp32
-            # masters and moments ("dp_reshardable" form: this rank's bucket ranges, as they are).
-            own["optimizer"] = self.optimizer.state_dict()
-            own["optimizer_shards"] = [o.get_parameter_state_dp_reshardable() if isinstance(o, DistributedOptimizer)
-                                       else None for o in getattr(self.optimizer, "chained_optimizers",
-                                                                  [self.optimizer])]
-        else:
-            replica["optimizer"] = self.optimizer.state_dict()
-        return {"rank": own, "replica": replica}
-
-    def _load_optimizer(self, own: dict, replica: dict) -> None:
-        if "optimizer_shards" not in own:
-            self.optimizer.load_state_dict(replica["optimizer"])
-            return
-        self.optimizer.load_state_dict(own["optimizer"])  # allocates the shards' state (dummy values)
-        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        for o, shard in zip(opts, own["optimizer_shards"]):
-            if shard is None:
-                continue
-            # megatron-core 0.16.1 (DistributedOptimizer.load_state_dict, no apex/TE) gives every
-            # parameter's torch-Adam state one shared "step" tensor, which torch then increments once
-            # per parameter per step (wrong bias correction after a resume): give each its own.
-            for st in o.optimizer.state.values():
-                if isinstance(st.get("step"), torch.Tensor):
-                    st["step"] = st["step"].clone()
-            for gbuf_idx, by_dtype in shard.items():
-                if isinstance(gbuf_idx, int):
-                    for buckets in by_dtype.values():
-                        for bucket in buckets:
-                            for elem in bucket:
-                                elem.setdefault("padding", False)  # the key megatron-core's loader filters on
-            with torch.no_grad():  # megatron-core copies into its fp32 shard masters (views of leaves)
-                o.load_parameter_state_from_dp_reshardable(shard)
-
-    def _probe_storage(self) -> None:
-        """Start-up (collective): which ranks see the same --save / --load folder
-        (node-local disks); --save is created on every rank."""
-        c = self.args.checkpoint
-        self.storage_views = {}
-        if c.save:
-            v = C.probe_views(c.save, create=True)
-            if v.unwritable:
-                raise C.CheckpointError(f"--save {c.save}: " + "; ".join(
-                    f"rank {r}: {e}" for r, e in sorted(v.unwritable.items())) + ". Give --save a folder every "
-                    "rank can create and write (a shared file system, or a node-local path present on every node).")
-            self.storage_views["--save"] = v
-        if c.load and (not c.save or os.path.abspath(c.load) != os.path.abspath(c.save)):
-            self.storage_views["--load"] = C.probe_views(c.load, create=False)
-        elif c.load:
-            self.storage_views["--load"] = self.storage_views["--save"]
-        for flag, v in self.storage_views.items():
-            self.log(v.describe(flag) + ("" if v.shared else " (each view keeps its own ranks' checkpoint files)"))
-
-    def save(self) -> str:
-        self.sync.before_save()  # forward-masked SDP: bring non-held parts up to date
-        if "--save" not in (getattr(self, "storage_views", None) or {}):
-            self._probe_storage()
-        st = self._rank_state()
-        self.last_save = C.save_checkpoint(
-            self.args.checkpoint.save, self.iteration, self.model,
-            dict(self.run_info(), consumed_samples=self.batches.consumed_samples), st["rank"],
-            views=self.storage_views["--save"], replica_state=st["replica"], replica_group=self.layout.inner_dp_group,
-            megatron=C.megatron_lm_entries(self))
-        s = self.last_save
-        self.log(f"saved checkpoint {s['path']} | bytes written: this rank {s['rank_bytes']}, all ranks "
-                 f"{s['total_bytes']} (replica state split over {self.layout.inner_dp} inner-DP rank(s))")
-        return s["path"]
-
-    def load(self) -> None:
-        c = self.args.checkpoint
-        if getattr(self, "storage_views", None) is None:
-            self._probe_storage()
-        path = C.resolve_checkpoint(c.load, save_dir=c.save, finetune=c.finetune)
-        if path is None:
-            self.log(f"--save {c.save} --load {c.load}: no checkpoint there yet (first launch), starting from scratch")
-            return
-        if C.checkpoint_kind(path) == "megatron-lm":  # no ppu/ part: Megatron-LM's rules
-            what = C.load_megatron_lm_checkpoint(self, path, finetune=c.finetune, no_load_optim=c.no_load_optim,
-                                                 no_load_rng=c.no_load_rng)
-            self.log(f"loaded the Megatron-LM checkpoint {path}: {what}")
-            return
-        if c.finetune:
-            C.agreed(lambda: C.check_model_part(path), f"--finetune from {path}", C.SHARED_FS_FIX)
-            C.load_model_weights(path, self.model)
-            self._after_weights_changed()
-            self.log(f"loaded model weights from {path} (--finetune: new run from them)")
-            return
-
-        def read():
-            info = C.read_run_info(path)
-            C.check_compatible(info, self.run_info())
-            st = C.load_rank_state(path)
-            if st.get("save_nonce") != info.get("save_nonce"):
-                raise C.CheckpointError(f"{path}: this rank's file and ppu/run.json come from different saves.")
-            if st["rank"]["plan"] != self.plan.to_dict():
-                raise C.CheckpointError(f"{path}: this rank's ownership plan differs from the checkpoint's; resume "
-                                        "with the same --ppu-slices/--diloco-replicas/layout or use --finetune.")
-            return st
-
-        st = C.agreed(read, f"resuming from {path}", C.SHARED_FS_FIX)
-        C.same_everywhere(st["save_nonce"], f"{path}: the ranks' files come from different saves (node-local "
-                                            f"folders of different runs?); {C.SHARED_FS_FIX}")
-        own = st["rank"]
-        replica = C.unshard_state(st["replica_shard"], self.layout.inner_dp_group)
-        missing = self.model.load_state_dict(replica["local_model"], strict=False)
-        assert not missing.unexpected_keys, missing
-        # The optimizer's state dict carries each parameter group's schedule bounds (max_lr/min_lr),
-        # which megatron-core's scheduler reads before its own; --override-opt_param-scheduler means
-        # this run's schedule, so this run's bounds are put back after loading.
-        bounds = [{k: g[k] for k in ("max_lr", "min_lr") if k in g} for g in self.optimizer.param_groups]
-        if c.no_load_optim:  # Megatron's --no-load-optim: fresh optimizer (and DiLoCo state) from the weights
-            self._after_weights_changed()
-        else:
-            self._load_optimizer(own, replica)
-        if self.args.training.override_opt_param_scheduler:
-            for g, b in zip(self.optimizer.param_groups, bounds):
-                g.update(b)
-        try:
-            if not c.no_load_optim:
-                self.scheduler.load_state_dict(C.ignore_constant_wd_length(own["scheduler"], self.scheduler))
-        except AssertionError as e:  # megatron-core's "... do not match" check of a schedule value
-            raise C.CheckpointError(
-                f"{path}: the learning-rate schedule of this run differs from the checkpoint's ({e}); resume "
-                "with the same --lr/--min-lr/--lr-warmup-*/--lr-decay-*/--weight-decay flags, or pass "
-                "--override-opt_param-scheduler (this run's values) or --use-checkpoint-opt_param-scheduler "
-                "(the checkpoint's values), as in Megatron-LM.") from e
-        if not c.no_load_optim:
-            self.sync.load_state_dict(replica["diloco"])
-        self.iteration = own["iteration"]
-        self.batches.consumed_samples = own["consumed_samples"]
-        if not c.no_load_rng:
-            C.set_rng_state(own["rng"])
-        self.log(f"resumed from {path} at iteration {self.iteration}")
-
-    def _after_weights_changed(self) -> None:
-        """Weights were replaced from outside: refresh fp32 masters and the DiLoCo snapshot."""
-        self.optimizer.reload_model_params()
-        self.sync.weights_changed()
-
-
-class Trainer(_Checkpoints):
+class Trainer:
     """Everything one rank needs to train, from the built parts of a run; see :func:`main`.
     ``Trainer.from_args(args)`` builds the parts first."""
 
@@ -236,7 +79,6 @@ class Trainer(_Checkpoints):
         # TensorBoard and W&B (logger rank): the same scalars at the same steps
         self.sinks = metrics.open_sinks(a, self.is_logger, dist.get_world_size())
         self.start_time = time.time()  # for --exit-duration-in-mins
-        self.storage_views = None
         # --diloco-merge-diagnostic: one entry per outer sync, in order (every rank; the same numbers)
         self.merge_trace: List[Dict[str, float]] = []
         if a.diloco.merge_diagnostic:  # validated: only with the DiLoCo outer loop
@@ -244,8 +86,10 @@ class Trainer(_Checkpoints):
             self.probe_batches = list(D.fixed_batches(self.valid_ds, a.training.micro_batch_size,
                                                       self.num_microbatches, 0))
             self.sync.attach_merge_probe(self._probe_loss, self._on_merge_report)
-        if a.checkpoint.save or a.checkpoint.load:
-            self._probe_storage()  # node-local --save/--load folders: found now, not at the first save
+        # --save / --load and the resume policy (probes the folders now when either is given: collective)
+        self.checkpointer = Checkpointer(
+            RunShape(a, self.dp, self.vocab_size, self.config.ffn_hidden_size, self.global_batch_size,
+                     self.flops_per_iteration, self.run_info()), self.layout, self.log)
 
     @classmethod
     def from_args(cls, args: TrainArgs) -> "Trainer":
@@ -267,6 +111,30 @@ class Trainer(_Checkpoints):
             "model": {k: v for k, v in vars(a.model).items()},
             **self.sync.run_info(),  # diloco_fragments: F under DiLoCo, else 0
         }
+
+    # -- checkpoints (megatron_ppu.training.checkpointing) -----------------------------------
+    def checkpoint_state(self) -> TrainingState:
+        """What a checkpoint saves and restores: the run's objects and its position."""
+        return TrainingState(self.model, self.optimizer, self.scheduler, self.sync, self.plan,
+                             iteration=self.iteration, consumed_samples=self.batches.consumed_samples)
+
+    def save(self) -> str:
+        """Collective: a checkpoint of this iteration into ``--save``; returns its path."""
+        return self.checkpointer.save(self.checkpoint_state())
+
+    def load(self) -> None:
+        """Collective: resume (or ``--finetune``, or a Megatron-LM checkpoint) from ``--load``;
+        the weights, optimizer and synchroniser are loaded in place, the position is applied here."""
+        restored = self.checkpointer.load(self.checkpoint_state())
+        if restored is not None:
+            self.apply_restored(restored)
+
+    def apply_restored(self, restored: Restored) -> None:
+        """Continue from the position a checkpoint load returned (its None fields: unchanged)."""
+        if restored.iteration is not None:
+            self.iteration = restored.iteration
+        if restored.consumed_samples is not None:
+            self.batches.consumed_samples = restored.consumed_samples
 
     def describe(self) -> str:
         a, subnet, lay = self.args, self.run.subnet, self.layout
