@@ -1,34 +1,47 @@
-"""What megatron_ppu does with each of Megatron-LM's training flags.
+"""What megatron_ppu does with each of Megatron-LM's training flags: the one table of rules.
 
-Every flag of Megatron-LM's ``pretrain_gpt.py`` parser (the table in
-:mod:`megatron_ppu.training.megatron_lm_flags`, generated from Megatron-LM at
-``core_v0.16.1``) is exactly one of:
+Every flag of Megatron-LM's ``pretrain_gpt.py`` parser (the table of the installed megatron-core's
+tag in :mod:`megatron_ppu.training.megatron_lm_flags`, generated from Megatron-LM at
+``core_v0.16.1`` and ``core_v0.19.0``) is exactly one of:
 
 * **implemented**: a field of one of the dataclasses in :mod:`megatron_ppu.training.arguments`,
-  with Megatron-LM's name, meaning and default (the few values it cannot take are refused
-  with the reason, e.g. ``--transformer-impl transformer_engine``);
+  with Megatron-LM's name, meaning and default; the values it cannot take are refused by a
+  rule of :data:`VALUE_RULES` (e.g. ``--transformer-impl transformer_engine``);
 * **accepted without effect** (:data:`NO_EFFECT`): flags that cannot change what is trained
   here (kernel fusions, checkpoint I/O strategies, profilers, loggers megatron_ppu has no
   backend for, ...). Each one given is logged once at start-up as ``accepted: --flag: <why>``;
-* **refused** (:data:`REFUSED`, :func:`classify_value` and, for the rest of Megatron-LM's
-  flags, :data:`GROUP_FEATURE`): an error that names the feature megatron_ppu does not
-  support, because silently ignoring it could change what is trained. A refused flag given
-  with Megatron-LM's own default value (the feature off, e.g. ``--context-parallel-size 1``)
-  is accepted: it changes nothing.
+* **refused** (:data:`REFUSED` and, for the rest of Megatron-LM's flags, :data:`GROUP_FEATURE`):
+  an error that names the feature megatron_ppu does not support, because silently ignoring it
+  could change what is trained. A refused flag given with Megatron-LM's own default value (the
+  feature off, e.g. ``--context-parallel-size 1``) is accepted: it changes nothing.
+
+Where a rule goes: a flag that depends on its value (or on another flag's) is a
+:class:`ValueRule` in :data:`VALUE_RULES`; a flag that is accepted or refused whatever its value
+is a row of :data:`NO_EFFECT` or :data:`REFUSED`; an implemented flag is a dataclass field in
+``arguments.py`` (and leaves these tables). Rules that relate implemented flags to each other
+(``--swiglu`` with ``--squared-relu``, ...) are ``arguments.validate_args``'s.
+:func:`verdict` and :func:`field_verdicts` are the only readers; ``tools/flags_table.py docs``
+prints the table of ``docs/flags.md`` from them.
 
 A flag that is not Megatron-LM's either is argparse's "unrecognized argument".
-
-``python -m megatron_ppu.training.megatron_compat`` prints the Markdown table of
-``docs/flags.md``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
 
-from .megatron_lm_flags import MEGATRON_LM_FLAGS, MEGATRON_LM_TAG
+from .megatron_lm_flags import MEGATRON_LM_FLAGS
 
-_TE = "needs Transformer Engine, and megatron_ppu's partial (PPU) layers for it are not implemented yet"
-_FP8 = "FP8 training " + _TE + "; train in --bf16"
+
+def needs_te(feature: str, fix: Optional[str] = None) -> str:
+    """The Transformer Engine refusal, written once: ``feature`` needs Transformer Engine, for
+    which megatron_ppu has no partial layers; then the ``fix``."""
+    return (f"{feature} needs Transformer Engine, and megatron_ppu's partial (PPU) layers exist only for "
+            "megatron-core's local layers" + (f"; {fix}" if fix else ""))
+
+
+_TE = needs_te("this option")
+_FP8 = needs_te("FP8 training", "train in --bf16")
 _CP = "context parallelism (--context-parallel-size > 1) is not supported"
 _VPP = "virtual pipeline stages (the interleaved 1F1B schedule) are not supported; use plain pipeline parallelism"
 _FSDP = ("FSDP / ZeRO-3 sharding is not supported (too chatty for the slow links megatron_ppu targets); use "
@@ -145,13 +158,13 @@ REFUSED: Dict[str, str] = {
     "--use-custom-fsdp": _FSDP,
     "--num-distributed-optimizer-instances": "several distributed-optimizer instances are not supported "
                                              "(megatron_ppu's replicas are the units between nodes)",
-    "--tp-comm-overlap": "tensor-parallel communication overlap " + _TE,
-    "--tp-comm-overlap-cfg": "tensor-parallel communication overlap " + _TE,
+    "--tp-comm-overlap": needs_te("tensor-parallel communication overlap"),
+    "--tp-comm-overlap-cfg": needs_te("tensor-parallel communication overlap"),
     "--fp8-format": _FP8, "--fp8-recipe": _FP8, "--fp8-param-gather": _FP8, "--fp8-amax-history-len": _FP8,
     "--fp8-amax-compute-algo": _FP8, "--fp8-margin": _FP8, "--fp8-interval": _FP8, "--fp8-wgrad": _FP8,
     "--no-fp8-wgrad": _FP8, "--fp8-dot-product-attention": _FP8, "--fp8-multi-head-attention": _FP8,
     "--first-last-layers-bf16": _FP8, "--num-layers-at-start-in-bf16": _FP8, "--num-layers-at-end-in-bf16": _FP8,
-    "--fp4-format": "FP4 training " + _TE, "--fp4-recipe": "FP4 training " + _TE,
+    "--fp4-format": needs_te("FP4 training", "train in --bf16"), "--fp4-recipe": needs_te("FP4 training", "train in --bf16"),
     "--multi-latent-attention": _MLA, "--q-lora-rank": _MLA, "--kv-lora-rank": _MLA, "--qk-head-dim": _MLA,
     "--qk-pos-emb-head-dim": _MLA, "--v-head-dim": _MLA,
     "--num-experts": _MOE,
@@ -176,7 +189,7 @@ REFUSED: Dict[str, str] = {
     "--quick-geglu": "the quick-GeGLU activation is not implemented (use --swiglu or the default GeLU)",
     "--fp16-lm-cross-entropy": "the fp16 LM cross-entropy is not implemented",
     "--sequence-parallel-cross-entropy": "not implemented",
-    "--use-flash-attn": "flash attention " + _TE + " (--attention-backend flash); the local attention is unfused",
+    "--use-flash-attn": needs_te("flash attention (--use-flash-attn)", "the local attention is unfused"),
     "--mtp-num-layers": "multi-token prediction (MTP) is not supported",
     "--cuda-graph-impl": "CUDA graphs are not supported", "--enable-cuda-graph": "CUDA graphs are not supported",
     "--external-cuda-graph": "CUDA graphs are not supported",
@@ -201,19 +214,76 @@ GROUP_FEATURE: Dict[str, str] = {
 }
 
 
-def classify_value(flag: str, value) -> Optional[Tuple[str, str]]:
-    """Value-dependent verdicts: ``("accepted", why)``, ``("refused", why)`` or None (use the tables)."""
-    if flag == "--ckpt-format":
-        if value == "torch_dist":
-            return "accepted", "megatron_ppu writes torch_dist checkpoints (dist_checkpointing) + its own ppu/ part"
-        return "refused", (f"checkpoint format {value!r} is not supported: megatron_ppu writes torch_dist "
-                           "checkpoints (use --ckpt-format torch_dist)")
+_KEEP = object()
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """A verdict on one flag's value: when ``applies(value, values)`` is true, the flag is
+    ``verdict`` ("accepted" or "refused") with the reason ``why`` (the feature, and the fix).
+
+    ``value`` is the parsed value for an implemented flag (a field), the argv string (or list of
+    strings, or True for a value-less flag) otherwise; ``values`` are all parsed fields by dest.
+    An accepted rule may change the field to ``set_to`` (a flag that has no effect in this
+    combination, dropped as Megatron-LM drops it). The first rule of a flag that applies decides."""
+
+    flag: str
+    applies: Callable[[object, dict], bool]
+    verdict: str
+    why: str
+    set_to: object = _KEEP
+
+
+#: The value rules, one entry per (flag, condition). A new value-dependent verdict goes here.
+VALUE_RULES: List[ValueRule] = [
+    ValueRule("--transformer-impl", lambda v, _: v != "local", "refused",
+              needs_te("Transformer Engine's layers (--transformer-impl transformer_engine)",
+                       "use --transformer-impl local (the same model, unfused kernels)")),
+    ValueRule("--fp8-format", lambda v, _: v is not None, "refused", _FP8),
+    ValueRule("--attention-backend", lambda v, _: v in ("flash", "fused"), "refused",
+              needs_te("flash/fused attention", "use --attention-backend unfused (or auto), megatron-core's local "
+                                                "DotProductAttention")),
+    ValueRule("--sequence-parallel", lambda v, vals: bool(v) and vals["tensor_model_parallel_size"] == 1, "accepted",
+              "no effect with --tensor-model-parallel-size 1 (Megatron-LM disables it too)", set_to=False),
+    ValueRule("--ckpt-format", lambda v, _: v == "torch_dist", "accepted",
+              "megatron_ppu writes torch_dist checkpoints (dist_checkpointing) + its own ppu/ part"),
+    ValueRule("--ckpt-format", lambda v, _: True, "refused",
+              "checkpoint format {value!r} is not supported: megatron_ppu writes torch_dist checkpoints (use "
+              "--ckpt-format torch_dist)"),
+]
+
+
+def value_verdict(flag: str, value, values: Optional[dict] = None) -> Optional[Tuple[str, str, object]]:
+    """``(verdict, why, set_to)`` of the first rule of :data:`VALUE_RULES` for ``flag`` that
+    applies to ``value``, or None."""
+    for r in VALUE_RULES:
+        if r.flag == flag and r.applies(value, values or {}):
+            return r.verdict, r.why.format(value=value), r.set_to
     return None
 
 
-def _same_as_default(flag: str, value) -> bool:
+def field_verdicts(values: dict, dest_of: Dict[str, str]) -> Tuple[List[tuple], List[tuple]]:
+    """The value rules on implemented flags: ``(accepted, refused)`` lists of (flag, value, why).
+    ``values`` are the parsed fields by dest (changed in place where an accepted rule says so),
+    ``dest_of`` maps a flag to its dest."""
+    accepted, refused = [], []
+    for flag in dict.fromkeys(r.flag for r in VALUE_RULES):
+        dest = dest_of.get(flag)
+        if dest is None or dest not in values:
+            continue  # not an implemented flag: verdict() decides when it is given
+        got = value_verdict(flag, values[dest], values)
+        if got is None:
+            continue
+        kind, why, set_to = got
+        (accepted if kind == "accepted" else refused).append((flag, values[dest], why))
+        if set_to is not _KEEP:
+            values[dest] = set_to
+    return accepted, refused
+
+
+def _same_as_default(flag: str, value, table: Dict[str, tuple]) -> bool:
     """Whether ``value`` (strings from argv) is Megatron-LM's default for ``flag`` (a value flag)."""
-    default = MEGATRON_LM_FLAGS[flag][3]
+    default = table[flag][3]
     if default is None or isinstance(value, bool):
         return False
     vals = value if isinstance(value, list) else [value]
@@ -234,72 +304,25 @@ def _same_as_default(flag: str, value) -> bool:
     return True
 
 
-def verdict(flag: str, value) -> Tuple[str, str]:
+def verdict(flag: str, value, table: Optional[Dict[str, tuple]] = None) -> Tuple[str, str]:
     """``("accepted" | "refused", reason)`` for a Megatron-LM flag that is not an implemented field.
 
     ``value`` is what argparse stored: True for a value-less flag, else the string (or list of
-    strings) given.
+    strings) given. ``table``: the Megatron-LM flag table (default: the installed version's).
     """
-    rule = classify_value(flag, value)
+    table = MEGATRON_LM_FLAGS if table is None else table
+    rule = value_verdict(flag, value)
     if rule is not None:
-        return rule
-    nargs = MEGATRON_LM_FLAGS.get(flag, (None, None, 0, None))[2]
-    if nargs != 0 and flag in MEGATRON_LM_FLAGS and _same_as_default(flag, value):
+        return rule[0], rule[1]
+    nargs = table.get(flag, (None, None, 0, None))[2]
+    if nargs != 0 and flag in table and _same_as_default(flag, value, table):
         return "accepted", f"{value} is Megatron-LM's default (the feature is off)"
     if flag in NO_EFFECT:
         return "accepted", NO_EFFECT[flag]
     if flag in REFUSED:
         return "refused", REFUSED[flag]
-    group = MEGATRON_LM_FLAGS[flag][1] if flag in MEGATRON_LM_FLAGS else None
+    group = table[flag][1] if flag in table else None
     if group in GROUP_FEATURE:
         return "refused", GROUP_FEATURE[group]
     return "refused", (f"not implemented by megatron_ppu (Megatron-LM's {group!r} options); refused rather than "
                        "ignored because it could change what is trained")
-
-
-def markdown_table(implemented: Dict[str, str]) -> str:
-    """The flags table of ``docs/flags.md``: every Megatron-LM flag and what megatron_ppu does with it.
-
-    ``implemented`` maps the flags that are dataclass fields to their help text.
-    """
-    rows = []
-    names = sorted(set(MEGATRON_LM_FLAGS) | set(NO_EFFECT) | set(REFUSED))
-    for flag in names:
-        if flag in implemented and flag in REFUSED:  # a field kept only to refuse it with the reason
-            status, why = "refused", REFUSED[flag]
-        elif flag in implemented:
-            status, why = "implemented", implemented[flag]
-        else:
-            status, why = verdict(flag, True if MEGATRON_LM_FLAGS.get(flag, (0, 0, 0))[2] == 0 else "<value>")
-            status = {"accepted": "no effect", "refused": "refused"}[status]
-        rows.append(f"| `{flag}` | {status} | {why.replace('|', '/')} |")
-    extra = sorted(f for f in implemented if f not in MEGATRON_LM_FLAGS)
-    head = (f"| Megatron-LM flag ({MEGATRON_LM_TAG}) | here | meaning / why |\n|---|---|---|\n")
-    own = "\n".join(f"| `{f}` | megatron_ppu's own | {implemented[f].replace('|', '/')} |" for f in extra)
-    return head + "\n".join(rows) + ("\n" + own if own else "") + "\n"
-
-
-TABLE_BEGIN = "<!-- flags table: generated by `python -m megatron_ppu.training.megatron_compat --write docs/flags.md` -->"
-TABLE_END = "<!-- end of flags table -->"
-
-
-def write_table(path: str) -> None:
-    """Replace the table between :data:`TABLE_BEGIN` and :data:`TABLE_END` in ``path``."""
-    from .arguments import implemented_flags
-
-    text = open(path).read()
-    head, rest = text.split(TABLE_BEGIN)
-    _, tail = rest.split(TABLE_END)
-    with open(path, "w") as f:
-        f.write(head + TABLE_BEGIN + "\n" + markdown_table(implemented_flags()) + TABLE_END + tail)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .arguments import implemented_flags
-
-    if sys.argv[1:2] == ["--write"]:
-        write_table(sys.argv[2])
-    else:
-        print(markdown_table(implemented_flags()))
