@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .megatron_lm_flags import MEGATRON_LM_FLAGS
+from .megatron_lm_flags import MEGATRON_LM_FLAGS, TAGS, table
 
 
 def needs_te(feature: str, fix: Optional[str] = None) -> str:
@@ -51,6 +51,15 @@ _MLA = "multi-latent attention (MLA) is not supported"
 _FUSION = "a fused kernel (apex/Transformer Engine) choice; megatron_ppu's local layers compute the same thing unfused"
 _CKPT_IO = ("a checkpoint I/O strategy of Megatron-LM's own savers; megatron_ppu's checkpoints are written and read "
             "by megatron_ppu.training.checkpointing, and this choice cannot change the weights")
+_OFFLOAD = "activation/weight CPU offloading is not supported"
+_DSA = "DeepSeek sparse attention (DSA, an experimental attention variant) is not supported"
+_MTP = "multi-token prediction (MTP) is not supported"
+_MUP = "the maximal update parametrisation (muP) is not supported"
+_INFERENCE = "inference and text generation are not part of megatron_ppu's trainer"
+_CUDA_GRAPHS = "CUDA graphs are not supported"
+_HYBRID = "hybrid (Mamba) models are not supported: megatron_ppu trains GPT models"
+_FLIGHT = "the NCCL flight recorder (debugging of hung collectives) is not configured here"
+_PROFILE = "the profiler hooks are not implemented (profiling only)"
 _NO_RERUN = ("Megatron-LM's rerun state machine (re-running iterations to tell transient from persistent faults) "
              "is not implemented; training proceeds as without it")
 
@@ -134,6 +143,32 @@ NO_EFFECT: Dict[str, str] = {
                                                        "differ between outer syncs by design)",
     "--result-rejected-tracker-filename": _NO_RERUN,
     "--exit-on-missing-checkpoint": "--load that finds no checkpoint follows megatron_ppu's own rules",
+    # new at core_v0.19.0
+    "--fused-residual-rmsnorm": _FUSION,
+    **dict.fromkeys(["--async-ckpt-cpu-priority", "--async-ckpt-io-priority", "--async-ckpt-use-cpu-shm",
+                     "--async-strategy", "--ckpt-fully-parallel-load-exchange-algo",
+                     "--ckpt-fully-parallel-load-process-group", "--ckpt-fully-parallel-save-process-group",
+                     "--dist-ckpt-workers", "--disable-stream-ckpt-dequant", "--no-stream-ckpt-dequant"], _CKPT_IO),
+    **dict.fromkeys(["--disable-ckpt-load-validate-sharding-integrity", "--no-ckpt-load-validate-sharding-integrity",
+                     "--verify-integrity"],
+                    "checkpoint files are not hashed or sharding-validated by Megatron-LM's loader here; megatron_ppu "
+                    "checks a checkpoint's completeness and its match with the run itself (the weights are the same)"),
+    **dict.fromkeys(["--save-activations-interval", "--save-params-interval", "--save-tokens-per-expert-interval"],
+                    "diagnostic dumps (activations, parameters, tokens per expert) are not written here"),
+    "--ddp-param-name-patterns-for-fp32-local-accumulation": "gradients are always accumulated and reduced in fp32 "
+                                                             "here",
+    "--disable-align-grad-reduce": "a performance option of the gradient reduction (the gradients are the same)",
+    "--no-use-layer-wise-param-layout": "a memory layout choice of Megatron-LM's parameter buffers (the values are "
+                                        "the same)",
+    **dict.fromkeys(["--disable-flight-recorder-dump-on-timeout", "--disable-flight-recorder-extra-dump-on-exec",
+                     "--disable-flight-recorder-include-only-active", "--flight-recorder-dump-path",
+                     "--flight-recorder-include-stack-trace", "--flight-recorder-trace-buffer-size",
+                     "--no-flight-recorder-dump-on-timeout", "--no-flight-recorder-extra-dump-on-exec",
+                     "--no-flight-recorder-include-only-active"], _FLIGHT),
+    "--gpu-sniff-test-interval": "GPU health sniff tests are not run (monitoring only)",
+    "--straggler-minmax-count": "straggler detection is not implemented (monitoring only)",
+    **dict.fromkeys(["--nvtx-ranges", "--pytorch-profiler-collect-callstack", "--pytorch-profiler-collect-chakra",
+                     "--pytorch-profiler-collect-shapes", "--record-shapes"], _PROFILE),
 }
 
 #: flag -> the unsupported feature (refused with this reason unless given Megatron-LM's default value).
@@ -195,11 +230,124 @@ REFUSED: Dict[str, str] = {
     "--external-cuda-graph": "CUDA graphs are not supported",
     "--cpu-offloading": "activation/weight CPU offloading is not supported",
     "--recompute-activations": "use --recompute-granularity selective (megatron_ppu implements the explicit form)",
+    "--use-rotary-position-embeddings": "deprecated in Megatron-LM: use --position-embedding-type rope (megatron_ppu "
+                                        "implements the explicit form)",
+    # new at core_v0.19.0 (and flags that moved out of a refused group)
+    **dict.fromkeys(["--activation-offload-fraction", "--cpu-offloading-retain-pinned-cpu-buffers",
+                     "--delay-offload-until-cuda-graph", "--delta-offload-bytes-across-pp-ranks",
+                     "--fine-grained-offloading-max-inflight-offloads"], _OFFLOAD),
+    **dict.fromkeys(["--disable-dsa-indexer-rotate-activation", "--disable-dsa-indexer-scoring-relu",
+                     "--dsa-indexer-k-norm-epsilon", "--dsa-indexer-k-norm-fp32", "--dsa-indexer-rope-interleaved",
+                     "--dsa-indexer-skip-topk-offset", "--dsa-indexer-topk-freq", "--dsa-kernel-backend",
+                     "--no-dsa-indexer-rotate-activation", "--no-dsa-indexer-scoring-relu", "--dsa-indexer-head-dim",
+                     "--dsa-indexer-loss-coeff", "--dsa-indexer-n-heads", "--dsa-indexer-topk",
+                     "--experimental-attention-variant"], _DSA),
+    **dict.fromkeys(["--expert-tensor-parallel-num-weight-shards", "--high-priority-a2a-comm-stream",
+                     "--overlap-dispatch-backward-with-experts-wgrad", "--use-grouped-gemm-for-shared-expert",
+                     "--moe-expert-rank-capacity-factor", "--moe-flex-dispatcher-num-sms",
+                     "--moe-hybridep-num-blocks-permute", "--moe-hybridep-num-blocks-unpermute",
+                     "--moe-hybridep-num-sms-preprocessing", "--moe-hybridep-pad-uneven-dispatch-inputs",
+                     "--moe-mlp-glu-interleave-size", "--moe-ncclep-static-shape", "--moe-ncclep-zero-copy",
+                     "--moe-paged-stash", "--moe-paged-stash-buffer-size-factor-cpu",
+                     "--moe-paged-stash-buffer-size-factor-cuda", "--moe-paged-stash-page-size",
+                     "--moe-permute-fusion-into-hybridep", "--moe-router-force-biased",
+                     "--moe-router-quantile-balancing-ema", "--moe-shared-expert-glu-interleave-size",
+                     "--moe-single-grouped-bias", "--moe-single-grouped-weight",
+                     "--moe-routing-trace-capture-hidden-states", "--moe-routing-trace-capture-logits",
+                     "--moe-routing-trace-dump-weights", "--moe-routing-trace-max-training-iters",
+                     "--moe-routing-trace-path"], _MOE),
+    **dict.fromkeys(["--mtp-detach-heads", "--mtp-hybrid-override-pattern", "--mtp-use-repeated-layer"], _MTP),
+    **dict.fromkeys(["--use-mup", "--mup-attn-scale-power", "--mup-base-head-dim", "--mup-base-hidden-size",
+                     "--mup-embedding-mult", "--mup-output-mult", "--mup-width-mult"], _MUP),
+    **dict.fromkeys(["--inference-cuda-graph-scope", "--inference-disable-triton-nvls-kernels",
+                     "--inference-grouped-gemm-backend", "--inference-moe-disable-fused-quant-kernels",
+                     "--inference-moe-token-dispatcher-type"], _INFERENCE),
+    **dict.fromkeys(["--fsdp-db-use-persist-buf-on-alloc-fail", "--megatron-fsdp-enable-fine-grained-param-gather",
+                     "--megatron-fsdp-grad-comm-dtype", "--megatron-fsdp-main-grads-dtype",
+                     "--megatron-fsdp-main-params-dtype", "--megatron-fsdp-max-pool-double-buffer"], _FSDP),
+    **dict.fromkeys(["--hybrid-layer-pattern", "--mamba-training-ssm-states-dtype"], _HYBRID),
+    "--fp8-output-proj": _FP8,
+    "--use-transformer-engine-op-fuser": needs_te("the Transformer Engine op fuser"),
+    "--te-rng-tracker": needs_te("Transformer Engine's RNG tracker"),
+    **dict.fromkeys(["--flash-decode", "--inference-fuse-tp-communication", "--inference-rng-tracker"], _INFERENCE),
+    "--flash-attention-version": needs_te("a flash-attention version choice"),
+    "--use-grouped-gemm-for-dense-mlp": "grouped-GEMM dense MLPs are not implemented (megatron_ppu's partial layers "
+                                        "are megatron-core's local linears)",
+    "--mlp-chunks-for-training": "MLP chunking along the sequence is not implemented for megatron_ppu's partial layers",
+    "--tensor-parallel-num-weight-shards": "sharding tensor-parallel weights further is not supported",
+    "--chat-template": "chat templates (supervised fine-tuning data) are not supported",
+    **dict.fromkeys(["--disable-pad-vocab-size", "--no-pad-vocab-size"],
+                    "an unpadded vocabulary is not implemented: the vocabulary is padded to a multiple of "
+                    "--make-vocab-size-divisible-by x TP"),
+    **dict.fromkeys(["--disable-tokenizer-sentencepiece-ignore-extra-whitespaces",
+                     "--no-tokenizer-sentencepiece-ignore-extra-whitespaces"],
+                    "keeping extra whitespace in SentencePiece tokenization is not implemented"),
+    **dict.fromkeys(["--null-tokenizer-eod-id", "--null-tokenizer-pad-id"],
+                    "NullTokenizer with chosen eod/pad ids is not implemented (the installed megatron-core's "
+                    "NullTokenizer ids are used)"),
+    "--tokenizer-hf-no-use-fast": "the slow (Python) HuggingFace tokenizer is not implemented",
+    "--tokenizer-hf-no-include-special-tokens": "HuggingFace encoding without the tokenizer's special tokens is not "
+                                                "implemented",
+    "--dataloader-inter-document-masking": "inter-document attention masking is not supported (attention is causal "
+                                           "over the whole sequence, as Megatron-LM's default)",
+    **dict.fromkeys(["--eval-global-batch-size", "--eval-micro-batch-size"],
+                    "a separate evaluation batch size is not implemented: evaluation uses --micro-batch-size and the "
+                    "global batch"),
+    "--start-eval-at-iter": "delaying evaluation is not implemented: evaluation runs every --eval-interval iterations",
+    "--validation-set-names": "named validation sets are not supported: use --data-path with --split",
+    "--exit-signal-handler-for-training": "not implemented yet: use --exit-interval or --exit-duration-in-mins",
+    "--optimizer-cuda-graph": _CUDA_GRAPHS,
+    "--step-batch-size-schedule": "batch-size schedules are not supported: use a constant --global-batch-size",
+    "--freeze-all-layers": "freezing layers by flag is not supported (the --ppu-* flags choose what each replica "
+                           "trains)",
+    **dict.fromkeys(["--lion-beta1", "--lion-beta2"], "the Lion optimizer is not implemented (Adam only)"),
+    **dict.fromkeys(["--muon-coefficient-type", "--muon-nesterov", "--muon-scalar-optimizer"],
+                    "the Muon optimizer is not implemented (Adam only)"),
+    **dict.fromkeys(["--yarn-beta-fast", "--yarn-beta-slow", "--yarn-correction-range-round-to-int",
+                     "--no-yarn-correction-range-round-to-int", "--yarn-original-max-position-embeddings"],
+                    "YaRN rotary-embedding scaling is not supported"),
+    "--override-ckpt-iteration": "overriding the checkpoint's iteration is not supported",
+    "--no-use-tokenizer-model-from-checkpoint-args": "not implemented: --use-checkpoint-args takes the tokenizer "
+                                                     "model from the checkpoint as Megatron-LM's default does",
 }
+
+_GDN = "linear attention (gated delta net) layers are not supported"
+REFUSED.update({
+    "--apply-wd-to-qk-layernorm": "weight decay on the q/k LayerNorm parameters is not implemented (norms get none, "
+                                  "Megatron-LM's default)",
+    "--attention-output-gate": "gated attention output is not supported",
+    **dict.fromkeys(["--linear-conv-kernel-dim", "--linear-key-head-dim", "--linear-num-key-heads",
+                     "--linear-num-value-heads", "--linear-value-head-dim"], _GDN),
+    **dict.fromkeys(["--is-hybrid-model", "--hybrid-override-pattern", "--hybrid-attention-ratio", "--hybrid-mlp-ratio",
+                     "--mamba-head-dim", "--mamba-num-groups", "--mamba-num-heads", "--mamba-state-dim",
+                     "--disable-mamba-mem-eff-path"], _HYBRID),
+    **dict.fromkeys(["--mtp-loss-scaling-factor", "--mtp-standalone"], _MTP),
+})
+#: Every Megatron-LM flag named --moe-* / --muon-* (any tag) not listed above: its feature.
+REFUSED.update({f: why for tag in TAGS for f in table(tag) for prefix, why in (
+    ("--moe-", _MOE), ("--muon-", "the Muon optimizer is not implemented (Adam only)"))
+    if f.startswith(prefix) and f not in NO_EFFECT and f not in REFUSED})
 
 #: Flags of Megatron-LM entry points other than pretrain_gpt.py that its GPT test configurations use
 #: (ModelOpt's), with their number of values; refused through :data:`REFUSED`.
 EXTRA_FLAGS: Dict[str, object] = {"--export-te-mcore-model": 0, "--export-kd-teacher-load": 1, "--export-kd-cfg": 1}
+#: Flags of Megatron-LM's inference entry points (core_v0.19.0: ``megatron/inference/utils.py``
+#: ``add_inference_args``, ``examples/inference/offline_inference.py``) that its GPT inference test
+#: configurations use, with their number of values; refused (:data:`REFUSED`): not a training run.
+INFERENCE_FLAGS: Dict[str, object] = {
+    "--async-mode": 0, "--batch-boundaries": 1, "--coordinator-host": 1, "--coordinator-port": 1,
+    "--coordinator-schedule-output-path": 1, "--drain-between-batches": 0, "--incoming-requests-duration": 1,
+    "--incoming-requests-per-sec": 1, "--incoming-requests-per-step": 1, "--inference-ckpt-non-strict": 0,
+    "--inference-repeat-n": 1, "--model-provider": 1, "--moe-routing-trace-max-inference-steps": 1,
+    "--no-record-throughput": 0, "--num-tokens-from-file": 0, "--num-tokens-to-generate": 1,
+    "--num-tokens-to-prompt": "+", "--output-every-n-results": 1, "--output-path": 1, "--output-request-events": 0,
+    "--prompt-file": 1, "--prompt-file-num-truncate": 1, "--prompts": "+", "--return-log-probs": 0,
+    "--skip-prompt-log-probs": 0, "--stop-words": "+", "--suspend-resume-interval": 1, "--suspend-timeout": 1,
+    "--temperature": 1, "--termination-id": 1, "--throughput-check-only": 0, "--top-n-logprobs": 1, "--top_k": 1,
+    "--top_p": 1, "--use-coordinator": 0, "--use-flashinfer-fused-rope": 0,
+}
+EXTRA_FLAGS.update(INFERENCE_FLAGS)
+REFUSED.update({f: _INFERENCE + " (a flag of Megatron-LM's inference entry points)" for f in INFERENCE_FLAGS})
 
 #: Megatron-LM argument group -> the unsupported feature, for Megatron-LM flags not listed above.
 GROUP_FEATURE: Dict[str, str] = {
@@ -209,6 +357,8 @@ GROUP_FEATURE: Dict[str, str] = {
     "are not supported", "Transformer-Engine": _TE, "heterogeneous architecture": "heterogeneous architectures are "
     "not supported", "experimental_attention_variant": "experimental attention variants are not supported",
     "kitchen": "Kitchen quantization is not supported", "msc": "the multi-storage client is not supported",
+    "fault injector": "fault injection (testing Megatron-LM's fault tolerance) is not supported",
+    "Logits Distillation": "knowledge distillation from saved logits is not supported",
     "In-process restart": "in-process restart (nvidia-resiliency-ext) is not supported", "ft_package":
     "fault-tolerance packages (nvidia-resiliency-ext) are not supported",
 }
