@@ -36,9 +36,6 @@ from ..config import (
     DiLoCoConfig,
     PPUConfig,
     SubnetConfig,
-    check_block_balance,
-    check_replicas_divide_data_parallel,
-    check_slices_divide_replicas,
     cli_fields,
     field_flag,  # noqa: F401 (re-exported: the flag of a settings field)
     validate_diloco_config,
@@ -47,7 +44,8 @@ from ..config import (
 )
 from .megatron_compat import EXTRA_FLAGS, field_verdicts, verdict
 from .megatron_lm_flags import MEGATRON_LM_TAG, table as megatron_lm_table
-from .schedule import batch_schedule, lr_schedule, validate_schedule  # noqa: F401 (batch_schedule, lr_schedule: re-exported)
+from .schedule import (  # noqa: F401 (re-exported: the trainer's and the tools' names for them)
+    batch_schedule, check_layout, data_parallel_size, lr_schedule, replica_count, validate_schedule)
 
 
 def _f(default, help, **extra):
@@ -498,31 +496,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
 
 
 _GROUP_OF = {f.name: GROUP_ATTR[cls] for cls in MEGATRON_GROUPS for f in dataclasses.fields(cls)}
-
-
-def replica_count(a: TrainArgs, data_parallel_size: Optional[int]) -> Optional[int]:
-    """K: the replicas DP ranks form (``--diloco-replicas``, default every DP rank; 1 for plain
-    DDP); None when it depends on a data-parallel size not known yet."""
-    if not a.uses_replicas:
-        return 1
-    return a.diloco.num_replicas or data_parallel_size
-
-
-def data_parallel_size(a: TrainArgs, world_size: Optional[int]) -> Optional[int]:
-    """World size / (TP x PP); None when the world size is unknown or not a multiple (the
-    builder refuses the latter with the launch fix)."""
-    mp = a.parallel.tensor_model_parallel_size * a.parallel.pipeline_model_parallel_size
-    return world_size // mp if world_size is not None and world_size % mp == 0 else None
-
-
-def check_layout(a: TrainArgs, num_replicas: int, dp: int) -> None:
-    """The rules that need the replica count K and the data-parallel size, at build time (the
-    same functions :func:`validate_args` calls when the world size is known at parse time)."""
-    if a.uses_replicas and a.diloco.num_replicas is not None:
-        check_replicas_divide_data_parallel(a.diloco.num_replicas, dp)
-    check_slices_divide_replicas(a.ppu.num_slices, num_replicas)
-    if a.subnet.plan == "blocks":
-        check_block_balance(num_replicas, a.model.num_layers, a.subnet.coverage)
 
 
 def validate_args(a: TrainArgs, world_size: Optional[int] = None, for_training: bool = True) -> None:

@@ -1,14 +1,18 @@
-"""Batch and learning-rate schedule arithmetic, with Megatron-LM's meanings.
+"""Batch, learning-rate schedule and replica layout arithmetic, with Megatron-LM's meanings.
 
 :func:`validate_schedule` holds Megatron-LM's rules for iteration- vs sample-based schedules
 (its ``validate_args``), :func:`batch_schedule` the global batch and micro-batches per step,
 :func:`lr_schedule` the iterations and the learning-rate schedule in iterations. They read the
 fields of :class:`megatron_ppu.training.arguments.TrainingArgs` (any object with its fields) and
-import nothing of the trainer's.
+import nothing of the trainer's. :func:`data_parallel_size`, :func:`replica_count` and
+:func:`check_layout` derive the data-parallel size and the replica count K from the settings
+(:class:`megatron_ppu.training.arguments.TrainArgs`) and check the rules that need them.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
+
+from ..config import check_block_balance, check_replicas_divide_data_parallel, check_slices_divide_replicas
 
 
 def validate_schedule(t) -> None:
@@ -78,3 +82,28 @@ def lr_schedule(t, global_batch_size: int) -> Dict[str, float]:
     if t.lr_warmup_fraction is not None:
         warmup = t.lr_warmup_fraction * decay
     return {"train_iters": train_iters, "warmup_steps": warmup, "decay_steps": decay}
+
+
+def replica_count(a, data_parallel_size: Optional[int]) -> Optional[int]:
+    """K: the replicas DP ranks form (``--diloco-replicas``, default every DP rank; 1 for plain
+    DDP); None when it depends on a data-parallel size not known yet."""
+    if not a.uses_replicas:
+        return 1
+    return a.diloco.num_replicas or data_parallel_size
+
+
+def data_parallel_size(a, world_size: Optional[int]) -> Optional[int]:
+    """World size / (TP x PP); None when the world size is unknown or not a multiple (the
+    builder refuses the latter with the launch fix)."""
+    mp = a.parallel.tensor_model_parallel_size * a.parallel.pipeline_model_parallel_size
+    return world_size // mp if world_size is not None and world_size % mp == 0 else None
+
+
+def check_layout(a, num_replicas: int, dp: int) -> None:
+    """The rules that need the replica count K and the data-parallel size, at build time (the
+    same functions ``arguments.validate_args`` calls when the world size is known at parse time)."""
+    if a.uses_replicas and a.diloco.num_replicas is not None:
+        check_replicas_divide_data_parallel(a.diloco.num_replicas, dp)
+    check_slices_divide_replicas(a.ppu.num_slices, num_replicas)
+    if a.subnet.plan == "blocks":
+        check_block_balance(num_replicas, a.model.num_layers, a.subnet.coverage)
