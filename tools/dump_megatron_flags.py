@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate ``megatron_ppu/training/megatron_lm_flags.py``: every flag of Megatron-LM's
+"""Regenerate ``megatron_ppu/training/megatron_lm_flags_<tag>.py``: every flag of Megatron-LM's
 ``pretrain_gpt.py`` parser (``megatron.training.arguments.add_megatron_arguments``) with its
 argument group, arity and default, read from a Megatron-LM checkout at a tag.
 
@@ -8,10 +8,12 @@ each is implemented, accepted with the reason it has no effect, or refused with 
 needs), to consume each flag's values correctly, and in the tests to compare its defaults with
 Megatron-LM's.
 
-Usage (the checkout's ``megatron`` package shadows the installed megatron-core, same version)::
+Usage: ``python tools/flags_table.py megatron-lm REPO --tag TAG`` runs it on the tree at a tag
+and writes ``megatron_ppu/training/megatron_lm_flags_<tag>.py``; by hand (the checkout's
+``megatron`` package shadows the installed megatron-core)::
 
-    git --git-dir /work/.mirror/NVIDIA+Megatron-LM/repo archive core_v0.16.1 megatron | tar -x -C /tmp/mlm
-    python tools/dump_megatron_flags.py /tmp/mlm --tag core_v0.16.1 > megatron_ppu/training/megatron_lm_flags.py
+    git --git-dir /work/.mirror/NVIDIA+Megatron-LM/repo archive core_v0.19.0 megatron | tar -x -C /tmp/mlm
+    python tools/dump_megatron_flags.py /tmp/mlm --tag core_v0.19.0 > megatron_ppu/training/megatron_lm_flags_core_v0_19_0.py
 
 Optional packages Megatron-LM imports at module level but the parser does not need (wandb,
 nltk, ...) are replaced by empty stand-in modules, and ``megatron.training``'s package
