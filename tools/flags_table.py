@@ -48,6 +48,8 @@ def dump_megatron_lm(repo: str, tag: str) -> str:
 
 def _tags_of(flag: str, tables: dict) -> str:
     tags = [t for t, tb in tables.items() if flag in tb]
+    if not tags:
+        return "another entry point's"  # megatron_compat.EXTRA_FLAGS: ModelOpt's, the inference scripts'
     return "all" if len(tags) == len(tables) else ", ".join(tags)
 
 
@@ -55,12 +57,12 @@ def markdown_table() -> str:
     """The flags table of ``docs/flags.md``: every flag of every Megatron-LM tag's table, the tags
     that have it, and what megatron_ppu does with it (the verdict with the newest tag's table)."""
     from megatron_ppu.training.arguments import implemented_flags
-    from megatron_ppu.training.megatron_compat import NO_EFFECT, REFUSED, verdict
+    from megatron_ppu.training.megatron_compat import EXTRA_FLAGS, REFUSED, verdict
     from megatron_ppu.training.megatron_lm_flags import TAGS, table
 
     implemented = implemented_flags()
     tables = {t: table(t) for t in TAGS}
-    names = sorted(set().union(*tables.values()) | set(NO_EFFECT) | set(REFUSED))
+    names = sorted(set().union(*tables.values()) | set(EXTRA_FLAGS))  # the flags the parser knows
     rows = []
     for flag in names:
         newest = next((tb for tb in reversed(list(tables.values())) if flag in tb), tables[TAGS[-1]])
