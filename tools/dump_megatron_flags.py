@@ -29,7 +29,9 @@ import types
 STUBBED = {"six", "wandb", "one_logger", "nvidia_resiliency_ext", "flask", "flask_restful", "datasets", "tiktoken",
            "nltk", "msc"}
 STUBBED_MODULES = {"megatron.core.transformer.custom_layers.batch_invariant_kernels",  # import triton
-                   "megatron.core.transformer.moe.ops.paged_stash"}
+                   "megatron.core.transformer.moe.ops.paged_stash",
+                   # core_v0.19.0: model configs the parser does not use (they need Python 3.12's typing.override)
+                   "megatron.training.models"}
 
 
 class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -57,10 +59,6 @@ class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 def megatron_parser(checkout: str) -> argparse.ArgumentParser:
     """Megatron-LM's ``add_megatron_arguments`` applied to a fresh parser, from ``checkout``."""
-    import typing
-
-    if not hasattr(typing, "override"):  # core_v0.19.0's training/models use Python 3.12's typing.override,
-        typing.override = lambda f: f   # a no-op decorator; this lets Python 3.11 read the parser
     sys.path.insert(0, checkout)
     sys.meta_path.insert(0, _Stub())
     pkg = types.ModuleType("megatron.training")
