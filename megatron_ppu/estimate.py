@@ -140,11 +140,11 @@ from megatron_ppu.config import PPUConfig, validate_ppu_config
 from megatron_ppu.sync.compress import QUANTIZED_KINDS, payload_bytes
 from megatron_ppu.training.arguments import (
     TrainArgs,
-    batch_schedule,
     data_parallel_size,
     ffn_hidden_size,
     replica_count,
 )
+from megatron_ppu.training.schedule import batch_schedule
 
 logger = logging.getLogger(__name__)
 

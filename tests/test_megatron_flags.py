@@ -21,22 +21,26 @@ def _parse(argv):
 
 
 # --------------------------------------------------------------------------- every flag is known
-@pytest.mark.timeout(300)
-def test_every_megatron_lm_flag_is_implemented_accepted_or_refused():
-    """Each of Megatron-LM's 680 parser flags, given alone to the embedded run: it parses
-    (implemented or accepted with a logged reason) or is refused by name with a reason; never
-    "unrecognized". Reference: Megatron-LM's own parser, dumped in megatron_lm_flags."""
-    from megatron_ppu.training.arguments import implemented_flags
-    from megatron_ppu.training.megatron_lm_flags import MEGATRON_LM_FLAGS
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("tag,count", [("core_v0.16.1", 680), ("core_v0.19.0", 845)])
+def test_every_megatron_lm_flag_is_implemented_accepted_or_refused(tag, count):
+    """Each of Megatron-LM's parser flags at ``tag``, given alone to the embedded run with the
+    parser of that tag's flags: it parses (implemented or accepted with a logged reason) or is
+    refused by name with a reason; never "unrecognized". Reference: Megatron-LM's own parser,
+    dumped per tag (megatron_lm_flags_<tag>.py)."""
+    from megatron_ppu.training.arguments import build_parser, implemented_flags, parse_args
+    from megatron_ppu.training.megatron_lm_flags import table
 
     impl = implemented_flags()
-    assert len(MEGATRON_LM_FLAGS) > 600
-    for flag, (_, _, nargs, _) in MEGATRON_LM_FLAGS.items():
+    flags = table(tag)
+    assert len(flags) == count
+    parser = build_parser(megatron_lm_tag=tag)
+    for flag, (_, _, nargs, _) in flags.items():
         if flag in impl:
             continue
         argv = [flag] + ({0: [], 1: ["7"], "?": ["7"], "*": ["7"], "+": ["7"]}.get(nargs) or ["7"] * nargs)
         try:
-            a = _parse(argv)
+            a = parse_args(argv, parser=parser)
         except ValueError as e:
             msg = str(e)
             assert "unrecognized" not in msg, msg
@@ -45,6 +49,37 @@ def test_every_megatron_lm_flag_is_implemented_accepted_or_refused():
             continue
         (got,) = [x for x in a.accepted if x[0] == flag]
         assert len(got[2]) > 10  # the reason logged at start-up
+
+
+def test_flag_tables_per_tag_and_the_installed_version_picks_one():
+    """Megatron-LM's parser from core_v0.16.1 to core_v0.19.0: 193 flags added, 28 removed
+    (counted from the two dumps); every added flag has a verdict that names a feature (not the
+    generic "not implemented" of an unclassified flag); the installed megatron-core (its package
+    metadata, an independent reading) picks the table."""
+    import importlib.metadata
+
+    from megatron_ppu.training.arguments import build_parser, implemented_flags
+    from megatron_ppu.training.megatron_compat import verdict
+    from megatron_ppu.training.megatron_lm_flags import MEGATRON_LM_TAG, table, tag_for_version
+
+    old, new = table("core_v0.16.1"), table("core_v0.19.0")
+    added, removed = set(new) - set(old), set(old) - set(new)
+    assert (len(added), len(removed)) == (193, 28)
+    assert {"--legacy-tokenizer", "--tokenizer-hf-use-fast", "--use-legacy-models"} <= removed
+    assert {"--eval-micro-batch-size", "--flight-recorder-dump-path", "--use-mup"} <= added
+    impl = implemented_flags()
+    for flag in sorted(added - set(impl)):
+        kind, why = verdict(flag, True if new[flag][2] == 0 else "7", new)
+        assert "not implemented by megatron_ppu (Megatron-LM's" not in why, (flag, why)
+    assert [tag_for_version(v) for v in ("0.16.1", "0.16.0", "0.17.0rc0", "0.18.2", "0.19.2")] == \
+        ["core_v0.16.1", "core_v0.16.1", "core_v0.19.0", "core_v0.19.0", "core_v0.19.0"]
+    installed = importlib.metadata.version("megatron-core")
+    want = "core_v0.16.1" if tuple(int(x) for x in installed.split(".")[:2]) < (0, 17) else "core_v0.19.0"
+    assert MEGATRON_LM_TAG == want and build_parser().megatron_lm_tag == want
+    other = ({"core_v0.16.1", "core_v0.19.0"} - {want}).pop()
+    only_other = sorted(set(table(other)) - set(table(want)) - set(impl))[0]
+    with pytest.raises(ValueError, match="unrecognized"):  # the installed version's parser, as Megatron-LM's
+        _parse([only_other])
 
 
 def test_unknown_flag_is_unrecognized_and_refusals_are_all_named_at_once():
@@ -72,13 +107,16 @@ def test_no_effect_flags_are_accepted_with_reason_and_default_values_of_refused_
 
 def test_docs_flags_table_is_current():
     """docs/flags.md's table is the one generated from the classification (regenerate with
-    `python -m megatron_ppu.training.megatron_compat --write docs/flags.md`)."""
-    from megatron_ppu.training.arguments import implemented_flags
-    from megatron_ppu.training.megatron_compat import TABLE_BEGIN, TABLE_END, markdown_table
+    `python tools/flags_table.py docs --write docs/flags.md`)."""
+    import importlib.util
+
     from tests.harness import REPO
 
+    spec = importlib.util.spec_from_file_location("flags_table", REPO / "tools" / "flags_table.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
     text = (REPO / "docs" / "flags.md").read_text()
-    assert text.split(TABLE_BEGIN)[1].split(TABLE_END)[0].strip() == markdown_table(implemented_flags()).strip()
+    assert text.split(tool.TABLE_BEGIN)[1].split(tool.TABLE_END)[0].strip() == tool.markdown_table().strip()
 
 
 # --------------------------------------------------------------------------- defaults
@@ -154,7 +192,7 @@ def _scheduler_lrs(argv, gbs, steps):
     import torch
 
     from megatron_ppu.optimizer import build_param_scheduler
-    from megatron_ppu.training.arguments import lr_schedule
+    from megatron_ppu.training.schedule import lr_schedule
 
     t = _parse(argv).training
     s = lr_schedule(t, gbs)
@@ -447,6 +485,48 @@ def test_megatron_lm_config_parses_or_is_refused_by_feature(name):
             assert "refused rather than ignored" in msg, msg
             refused = {ln.split()[0] for ln in msg.splitlines() if ln.startswith("  --")}
             assert refused == {"--transformer-impl"}, msg
+
+
+def _megatron_lm_configs(tag):
+    import json
+    import shlex
+
+    from tests.harness import REPO
+
+    d = json.loads((REPO / "tests" / "fixtures" / f"megatron_lm_gpt_configs_{tag}.json").read_text())
+    assert d["tag"] == tag
+    return {name: shlex.split(argv) for name, argv in d["configs"].items()}
+
+
+@pytest.mark.timeout(600)
+def test_every_megatron_lm_core_v0_19_0_gpt_config_parses_or_is_refused_by_feature():
+    """All 205 GPT functional-test configurations of Megatron-LM core_v0.19.0 (MoE and inference
+    ones included; the fixture is their MODEL_ARGS as argv, written from Megatron-LM's files by
+    benchmarks/megatron_configs.py --dump-argv), parsed with the core_v0.19.0 flags: each parses,
+    or every offending flag is refused with a reason that names a feature; none is unrecognized
+    and none refused only as "not implemented"."""
+    from megatron_ppu.training.arguments import build_parser, parse_args
+
+    configs = _megatron_lm_configs("core_v0.19.0")
+    assert len(configs) == 205
+    parser = build_parser(megatron_lm_tag="core_v0.19.0")
+    outcomes = {}
+    for name, argv in sorted(configs.items()):
+        try:
+            parse_args(argv, parser=parser, world_size=None)
+            outcomes[name] = "parsed"
+        except ValueError as e:
+            msg = str(e)
+            assert "unrecognized" not in msg, (name, msg)
+            assert msg.startswith("unsupported Megatron-LM feature(s), refused"), (name, msg)
+            lines = [ln for ln in msg.splitlines() if ln.startswith("  --")]
+            assert lines, (name, msg)
+            for ln in lines:
+                assert "not implemented by megatron_ppu (Megatron-LM's" not in ln, (name, ln)
+            outcomes[name] = "refused"
+    # the dense configurations with local layers train here (among them the local-layer tp1_pp2 ones)
+    assert outcomes["gpt3_mcore_tp1_pp2"] == "parsed"
+    assert sum(o == "parsed" for o in outcomes.values()) >= 13
 
 
 def _compat_worker(rank, world_size, runs):

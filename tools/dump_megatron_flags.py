@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate ``megatron_ppu/training/megatron_lm_flags.py``: every flag of Megatron-LM's
+"""Regenerate ``megatron_ppu/training/megatron_lm_flags_<tag>.py``: every flag of Megatron-LM's
 ``pretrain_gpt.py`` parser (``megatron.training.arguments.add_megatron_arguments``) with its
 argument group, arity and default, read from a Megatron-LM checkout at a tag.
 
@@ -8,10 +8,12 @@ each is implemented, accepted with the reason it has no effect, or refused with 
 needs), to consume each flag's values correctly, and in the tests to compare its defaults with
 Megatron-LM's.
 
-Usage (the checkout's ``megatron`` package shadows the installed megatron-core, same version)::
+Usage: ``python tools/flags_table.py megatron-lm REPO --tag TAG`` runs it on the tree at a tag
+and writes ``megatron_ppu/training/megatron_lm_flags_<tag>.py``; by hand (the checkout's
+``megatron`` package shadows the installed megatron-core)::
 
-    git --git-dir /work/.mirror/NVIDIA+Megatron-LM/repo archive core_v0.16.1 megatron | tar -x -C /tmp/mlm
-    python tools/dump_megatron_flags.py /tmp/mlm --tag core_v0.16.1 > megatron_ppu/training/megatron_lm_flags.py
+    git --git-dir /work/.mirror/NVIDIA+Megatron-LM/repo archive core_v0.19.0 megatron | tar -x -C /tmp/mlm
+    python tools/dump_megatron_flags.py /tmp/mlm --tag core_v0.19.0 > megatron_ppu/training/megatron_lm_flags_core_v0_19_0.py
 
 Optional packages Megatron-LM imports at module level but the parser does not need (wandb,
 nltk, ...) are replaced by empty stand-in modules, and ``megatron.training``'s package
@@ -26,7 +28,10 @@ import types
 
 STUBBED = {"six", "wandb", "one_logger", "nvidia_resiliency_ext", "flask", "flask_restful", "datasets", "tiktoken",
            "nltk", "msc"}
-STUBBED_MODULES = {"megatron.core.transformer.custom_layers.batch_invariant_kernels"}  # imports triton
+STUBBED_MODULES = {"megatron.core.transformer.custom_layers.batch_invariant_kernels",  # import triton
+                   "megatron.core.transformer.moe.ops.paged_stash",
+                   # core_v0.19.0: model configs the parser does not use (they need Python 3.12's typing.override)
+                   "megatron.training.models"}
 
 
 class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -38,6 +43,7 @@ class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         m = types.ModuleType(spec.name)
         m.__path__ = []
+        m.__version__ = "999.0.0"  # passes the version checks made at import (core_v0.19.0: nvidia_resiliency_ext)
 
         def attr(a):
             if a.startswith("__"):
@@ -52,6 +58,7 @@ class _Stub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def megatron_parser(checkout: str) -> argparse.ArgumentParser:
+    """Megatron-LM's ``add_megatron_arguments`` applied to a fresh parser, from ``checkout``."""
     sys.path.insert(0, checkout)
     sys.meta_path.insert(0, _Stub())
     pkg = types.ModuleType("megatron.training")

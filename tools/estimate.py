@@ -3,14 +3,15 @@
 
     python tools/estimate.py --paper-table            # the paper's 1.3B table, predicted vs published
     python tools/estimate.py --num-layers 24 --hidden-size 2048 --num-attention-heads 16 \\
-        --seq-length 1024 --micro-batch-size 16 --lr 3e-4 --train-iters 1000 --mock-data \\
-        --vocab-size 32000 --bf16 --recompute-granularity full --recompute-method uniform \\
+        --seq-length 1024 --micro-batch-size 16 --vocab-size 32000 --bf16 --recompute-granularity full --recompute-method uniform \\
         --recompute-num-layers 1 --ppu-slices 4 --diloco-replicas 32 --diloco-local-steps 100 \\
         --diloco-streaming-fragments 9 --world-size 32 --bandwidth-gbps 23
 
 The flags are the trainer's own (``pretrain_gpt_ppu.py``'s parser, with its defaults and its
 validation): a launch script's flags can be pasted as they are, and what the trainer refuses
-(an unknown flag, an inconsistent value) is refused here with the trainer's message. This
+(an unknown flag, an inconsistent value) is refused here with the trainer's message. The
+estimate needs the model, parallelism and method flags only: the flags only training needs
+(``--lr``, ``--train-iters``, ``arguments.TRAINING_ONLY``) are optional here. This
 tool adds only its own options (output, world size, bandwidth, time, memory accounting).
 The translation from the parsed settings to the cost model is
 :func:`megatron_ppu.estimate.shape_from_args`; the arithmetic and its assumptions are in
@@ -194,7 +195,7 @@ def format_paper_table(rows, comparisons, comm) -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     try:
-        a = parse_args(argv, parser=parser, world_size=None)  # the trainer's parsing and validation
+        a = parse_args(argv, parser=parser, world_size=None, for_training=False)  # the trainer's parsing and validation
         x = a.extra
         if x["paper_table"]:
             rows, comps, comm = E.paper_table(), E.paper_flops_comparisons(), E.paper_comm_check()

@@ -36,17 +36,16 @@ from ..config import (
     DiLoCoConfig,
     PPUConfig,
     SubnetConfig,
-    check_block_balance,
-    check_replicas_divide_data_parallel,
-    check_slices_divide_replicas,
     cli_fields,
     field_flag,  # noqa: F401 (re-exported: the flag of a settings field)
     validate_diloco_config,
     validate_ppu_config,
     validate_subnet_config,
 )
-from .megatron_compat import EXTRA_FLAGS, REFUSED, verdict
-from .megatron_lm_flags import MEGATRON_LM_FLAGS, MEGATRON_LM_TAG
+from .megatron_compat import EXTRA_FLAGS, field_verdicts, verdict
+from .megatron_lm_flags import MEGATRON_LM_TAG, table as megatron_lm_table
+from .schedule import (  # noqa: F401 (re-exported: the trainer's and the tools' names for them)
+    batch_schedule, check_layout, data_parallel_size, lr_schedule, replica_count, validate_schedule)
 
 
 def _f(default, help, **extra):
@@ -349,6 +348,10 @@ IMPLEMENTATION_FLAGS = ("transformer_impl", "attention_backend", "deterministic_
                         "recompute_method", "recompute_num_layers")
 #: Flags Megatron-LM has no default for (outside the embedded default run).
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size", "lr")
+#: Of these (and --train-iters / --train-samples), the ones only training needs: a cost estimate
+#: (``parse_args(for_training=False)``, ``tools/estimate.py``) takes the model, parallelism and method
+#: flags alone.
+TRAINING_ONLY = ("lr", "train_iters", "train_samples")
 
 _UNSET = object()
 _MEGATRON_DEST = "megatron_lm_flag:"
@@ -368,15 +371,21 @@ TRAINER_PROG = "pretrain_gpt_ppu.py"
 TRAINER_DESCRIPTION = "Megatron-Core GPT pre-training with DiLoCo and Partial Parameter Updates."
 
 
-def build_parser(prog: str = TRAINER_PROG, description: str = TRAINER_DESCRIPTION) -> argparse.ArgumentParser:
+def build_parser(prog: str = TRAINER_PROG, description: str = TRAINER_DESCRIPTION,
+                 megatron_lm_tag: Optional[str] = None) -> argparse.ArgumentParser:
     """argparse parser with one flag per settings field, plus every other Megatron-LM flag
     (hidden, collected so that each is accepted or refused by name, never "unrecognized").
 
+    ``megatron_lm_tag``: whose Megatron-LM flags (a tag of :mod:`.megatron_lm_flags`); default
+    the installed megatron-core's. The parser keeps it as ``megatron_lm_tag`` / ``megatron_lm_flags``.
+
     Another CLI (``tools/estimate.py``) takes this parser and adds its own options to it; their
     values come back in :attr:`TrainArgs.extra` from :func:`parse_args`."""
+    megatron_lm_tag = megatron_lm_tag or MEGATRON_LM_TAG
+    megatron_lm_flags = megatron_lm_table(megatron_lm_tag)
     p = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=HelpFormatter,
-        epilog=f"Every other Megatron-LM ({MEGATRON_LM_TAG}) flag is recognised: accepted when it cannot change "
+        epilog=f"Every other Megatron-LM ({megatron_lm_tag}) flag is recognised: accepted when it cannot change "
                "what is trained (logged at start-up) or refused with the feature it needs; see docs/flags.md.",
         allow_abbrev=False,
     )
@@ -401,7 +410,8 @@ def build_parser(prog: str = TRAINER_PROG, description: str = TRAINER_DESCRIPTIO
                 kw["choices"] = f.metadata["choices"]
             g.add_argument(flag, **kw)
     known = set(p._option_string_actions)
-    arity = dict({f: v[2] for f, v in MEGATRON_LM_FLAGS.items()}, **EXTRA_FLAGS)
+    p.megatron_lm_tag, p.megatron_lm_flags = megatron_lm_tag, megatron_lm_flags
+    arity = dict({f: v[2] for f, v in megatron_lm_flags.items()}, **EXTRA_FLAGS)
     for flag, nargs in arity.items():
         if flag in known:
             continue
@@ -413,18 +423,6 @@ def build_parser(prog: str = TRAINER_PROG, description: str = TRAINER_DESCRIPTIO
     return p
 
 
-def _field_value_refusals(values: dict) -> List[tuple]:
-    """(flag, value, why) for implemented flags given a value megatron_ppu cannot honour."""
-    out = []
-    if values["transformer_impl"] != "local":
-        out.append(("--transformer-impl", values["transformer_impl"],
-                    "Transformer Engine layers: megatron_ppu's partial (PPU) layers exist only for megatron-core's "
-                    "local layers (--transformer-impl local: the same model, unfused kernels)"))
-    if values.get("fp8_format") is not None:
-        out.append(("--fp8-format", values["fp8_format"], REFUSED["--fp8-format"]))
-    return out
-
-
 def _world_size_from_env() -> Optional[int]:
     """``WORLD_SIZE`` of a torchrun / local-ranks launch (Megatron-LM's validate_args reads it
     too); None when not launched as ranks."""
@@ -433,13 +431,15 @@ def _world_size_from_env() -> Optional[int]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argparse.ArgumentParser] = None,
-               world_size: Optional[int] = None) -> TrainArgs:
+               world_size: Optional[int] = None, for_training: bool = True) -> TrainArgs:
     """Parse ``argv`` with the trainer's parser (or ``parser``, one made by :func:`build_parser`
     with a caller's options added); raise ``ValueError`` for unknown flags and inconsistent values.
 
     ``world_size``: the number of ranks the run will have (default: ``WORLD_SIZE`` when set);
     with it every setting is validated here, including the rules that need the replica count;
-    without it those wait for :func:`check_layout` at build time."""
+    without it those wait for :func:`check_layout` at build time. ``for_training=False`` (the cost
+    estimate, ``tools/estimate.py``): the flags only training needs (:data:`TRAINING_ONLY`) are
+    optional."""
     parser = parser or build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     ns, unknown = parser.parse_known_args(argv)
@@ -450,9 +450,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
         if v is _UNSET:
             continue
         flag = dest[len(_MEGATRON_DEST):]
-        kind, why = verdict(flag, v)
+        kind, why = verdict(flag, v, parser.megatron_lm_flags)
         (accepted if kind == "accepted" else refused).append((flag, v, why))
-    refused += _field_value_refusals(values)
+    dest_of = {o: a.dest for o, a in parser._option_string_actions.items()}
+    field_accepted, field_refused = field_verdicts(values, dest_of)  # the value rules of implemented flags
+    accepted += field_accepted
+    refused += field_refused
     problems = []
     if refused:
         problems.append("unsupported Megatron-LM feature(s), refused rather than ignored (ignoring them could "
@@ -462,11 +465,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
     if unknown:
         flags = [u for u in unknown if u.startswith("-")] or unknown
         problems.append(f"unrecognized argument(s) {' '.join(flags)}: neither a megatron_ppu flag nor one of "
-                        f"Megatron-LM's ({MEGATRON_LM_TAG}) (see `python pretrain_gpt_ppu.py --help`).")
+                        f"Megatron-LM's ({parser.megatron_lm_tag}) (see `python pretrain_gpt_ppu.py --help`).")
     if problems:
         raise ValueError("\n".join(problems) + "\nSee docs/flags.md for what megatron_ppu does with every "
                                                 "Megatron-LM flag.")
-    dest_of = {o: a.dest for o, a in parser._option_string_actions.items()}
     explicit = frozenset(dest_of.get(a.split("=")[0], a.split("=")[0][2:].replace("-", "_"))
                          for a in argv if a.startswith("--"))
     if values["use_checkpoint_args"]:
@@ -486,11 +488,6 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
     if values.get("tokenizer_type") is None and (values.get("vocab_file") or values.get("merge_file")):
         # Megatron-LM's pretrain_gpt.py: args_defaults={'tokenizer_type': 'GPT2BPETokenizer'}
         values["tokenizer_type"] = "GPT2BPETokenizer"
-    if values["sequence_parallel"] and values["tensor_model_parallel_size"] == 1:
-        # Megatron-LM's validate_args disables it too (with TP = 1 it is the same computation)
-        values["sequence_parallel"] = False
-        accepted.append(("--sequence-parallel", True, "no effect with --tensor-model-parallel-size 1 "
-                                                      "(Megatron-LM disables it too)"))
     groups = {cls: {f.name: values.pop(dest) for f, _, dest in cli_fields(cls)} for cls in GROUPS}
     training = TrainingArgs(**groups[TrainingArgs])
     subnet = SubnetConfig(**groups[SubnetConfig], seed=training.seed)  # the block assignment's seed is --seed
@@ -501,115 +498,23 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
                      ppu=ppu, diloco=DiLoCoConfig(**groups[DiLoCoConfig]), subnet=subnet,
                      explicit_flags=explicit, accepted=tuple(accepted), embedded_default=embedded,
                      extra=values)  # what is left: the options a caller's parser added
-    validate_args(args, world_size=world_size if world_size is not None else _world_size_from_env())
+    validate_args(args, world_size=world_size if world_size is not None else _world_size_from_env(),
+                  for_training=for_training)
     return args
 
 
 _GROUP_OF = {f.name: GROUP_ATTR[cls] for cls in MEGATRON_GROUPS for f in dataclasses.fields(cls)}
 
 
-def _validate_schedule(t: TrainingArgs) -> None:
-    """Megatron-LM's rules for iteration- vs sample-based schedules (its validate_args)."""
-    if t.train_iters is not None and t.train_samples is not None:
-        raise ValueError("--train-iters and --train-samples are mutually exclusive: give one.")
-    if t.train_iters is not None:
-        wrong = [f for f, bad in (("--lr-decay-samples", t.lr_decay_samples is not None),
-                                  ("--lr-warmup-samples", t.lr_warmup_samples != 0)) if bad]
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)} need sample-based training (--train-samples); with "
-                             "--train-iters use --lr-decay-iters / --lr-warmup-iters.")
-        if t.lr_warmup_fraction is not None and t.lr_warmup_iters != 0:
-            raise ValueError("give one of --lr-warmup-fraction and --lr-warmup-iters.")
-    if t.train_samples is not None:
-        wrong = [f for f, bad in (("--lr-decay-iters", t.lr_decay_iters is not None),
-                                  ("--lr-warmup-iters", t.lr_warmup_iters != 0)) if bad]
-        if wrong:
-            raise ValueError(f"{', '.join(wrong)} need iteration-based training (--train-iters); with "
-                             "--train-samples use --lr-decay-samples / --lr-warmup-samples.")
-        if t.lr_warmup_fraction is not None and t.lr_warmup_samples != 0:
-            raise ValueError("give one of --lr-warmup-fraction and --lr-warmup-samples.")
-        if t.train_samples < 1:
-            raise ValueError("--train-samples must be >= 1.")
-    if t.lr_warmup_fraction is not None and not 0.0 <= t.lr_warmup_fraction < 1.0:
-        raise ValueError(f"--lr-warmup-fraction {t.lr_warmup_fraction} must be in [0, 1).")
-    if t.lr is not None and t.min_lr > t.lr:
-        raise ValueError(f"--min-lr {t.min_lr} is above --lr {t.lr}.")
-    if t.use_checkpoint_opt_param_scheduler and t.override_opt_param_scheduler:
-        raise ValueError("--use-checkpoint-opt_param-scheduler and --override-opt_param-scheduler are mutually "
-                         "exclusive (take the schedule from the checkpoint, or from the flags).")
-
-
-def batch_schedule(t: TrainingArgs, data_parallel_size: int) -> tuple:
-    """``(global batch, micro-batches per rank and step)`` on ``data_parallel_size`` DP ranks
-    (Megatron-LM's: the global batch defaults to micro-batch x DP)."""
-    dp = data_parallel_size
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    if gbs % (t.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
-                         f"{t.micro_batch_size} x data-parallel size {dp}.")
-    return gbs, gbs // (t.micro_batch_size * dp)
-
-
-def lr_schedule(t: TrainingArgs, global_batch_size: int) -> Dict[str, float]:
-    """Iterations to train and the learning-rate schedule in iterations, with Megatron-LM's meanings.
-
-    Megatron-LM counts the schedule in samples (``get_optimizer_param_scheduler``: warm-up
-    ``lr_warmup_fraction x decay`` or ``lr_warmup_iters x global batch`` or ``lr_warmup_samples``;
-    decay ``lr_decay_iters x global batch`` or ``lr_decay_samples``) and steps it by the global
-    batch each iteration; dividing every count by the global batch gives the same learning
-    rate at every iteration, possibly with fractional warm-up/decay lengths, which is what this
-    returns: ``train_iters`` (``train_samples // global batch`` for sample-based runs),
-    ``warmup_steps`` and ``decay_steps``.
-    """
-    if t.train_samples is not None:
-        train_iters = t.train_samples // global_batch_size
-        if train_iters < 1:
-            raise ValueError(f"--train-samples {t.train_samples} is less than one global batch "
-                             f"({global_batch_size}); raise it or lower --global-batch-size.")
-        decay = (t.lr_decay_samples if t.lr_decay_samples is not None else t.train_samples) / global_batch_size
-        warmup = t.lr_warmup_samples / global_batch_size
-    else:
-        train_iters = t.train_iters
-        decay = t.lr_decay_iters if t.lr_decay_iters is not None else t.train_iters
-        warmup = t.lr_warmup_iters
-    if t.lr_warmup_fraction is not None:
-        warmup = t.lr_warmup_fraction * decay
-    return {"train_iters": train_iters, "warmup_steps": warmup, "decay_steps": decay}
-
-
-def replica_count(a: TrainArgs, data_parallel_size: Optional[int]) -> Optional[int]:
-    """K: the replicas DP ranks form (``--diloco-replicas``, default every DP rank; 1 for plain
-    DDP); None when it depends on a data-parallel size not known yet."""
-    if not a.uses_replicas:
-        return 1
-    return a.diloco.num_replicas or data_parallel_size
-
-
-def data_parallel_size(a: TrainArgs, world_size: Optional[int]) -> Optional[int]:
-    """World size / (TP x PP); None when the world size is unknown or not a multiple (the
-    builder refuses the latter with the launch fix)."""
-    mp = a.parallel.tensor_model_parallel_size * a.parallel.pipeline_model_parallel_size
-    return world_size // mp if world_size is not None and world_size % mp == 0 else None
-
-
-def check_layout(a: TrainArgs, num_replicas: int, dp: int) -> None:
-    """The rules that need the replica count K and the data-parallel size, at build time (the
-    same functions :func:`validate_args` calls when the world size is known at parse time)."""
-    if a.uses_replicas and a.diloco.num_replicas is not None:
-        check_replicas_divide_data_parallel(a.diloco.num_replicas, dp)
-    check_slices_divide_replicas(a.ppu.num_slices, num_replicas)
-    if a.subnet.plan == "blocks":
-        check_block_balance(num_replicas, a.model.num_layers, a.subnet.coverage)
-
-
-def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
+def validate_args(a: TrainArgs, world_size: Optional[int] = None, for_training: bool = True) -> None:
     """Every check that needs no process groups, once, at parse time: Megatron-LM's cross-field
     rules, then one ``validate_*`` function per feature (:mod:`megatron_ppu.config`). With
     ``world_size`` the replica-count rules run too; without it :func:`check_layout` runs them
-    at build time."""
+    at build time. ``for_training=False``: :data:`TRAINING_ONLY` flags are optional (a cost estimate)."""
     m, t, pr, par, d = a.model, a.training, a.precision, a.parallel, a.data
-    missing = [n for n in REQUIRED if getattr(getattr(a, _GROUP_OF[n]), n) is None]
-    if t.train_iters is None and t.train_samples is None:
+    missing = [n for n in REQUIRED if getattr(getattr(a, _GROUP_OF[n]), n) is None
+               and (for_training or n not in TRAINING_ONLY)]
+    if for_training and t.train_iters is None and t.train_samples is None:
         missing.append("train_iters")
     if missing:
         raise ValueError(
@@ -617,7 +522,7 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
             f"{'it' if len(missing) == 1 else 'them'}, and a run given data or model flags uses Megatron-LM's "
             f"defaults (only a run without data and model flags is the embedded default run"
             + (f", --train-samples may replace --train-iters" if "train_iters" in missing else "") + ").")
-    _validate_schedule(t)
+    validate_schedule(t)
     if m.swiglu and m.squared_relu:
         raise ValueError("--swiglu and --squared-relu are mutually exclusive (both choose the MLP activation).")
     if pr.bf16 and pr.fp16:
@@ -629,17 +534,6 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None) -> None:
         raise ValueError(f"--attention-backend {m.attention_backend} cannot be used with --deterministic-mode: "
                          "torch does not guarantee deterministic backward passes of its fused attention kernels "
                          "on CUDA; use --attention-backend auto (torch's math kernel on CUDA) or local.")
-    if pr.fp8_format is not None:
-        try:
-            import transformer_engine  # noqa: F401
-            have_te = True
-        except Exception:
-            have_te = False
-        if not have_te:
-            raise ValueError(f"--fp8-format {pr.fp8_format} needs Transformer Engine, which is not "
-                             "installed (pip install megatron_ppu[te] on a CUDA machine).")
-        raise ValueError("--fp8-format: Transformer Engine is installed, but megatron_ppu's partial "
-                         "layers for it are not implemented yet; train in --bf16.")
     if m.group_query_attention and not m.num_query_groups:
         raise ValueError("--group-query-attention needs --num-query-groups.")
     if m.num_query_groups and not m.group_query_attention:

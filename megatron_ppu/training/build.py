@@ -51,7 +51,8 @@ from ..subnet import SubnetConfig, apply_block_plan, block_assignment, block_hol
 from ..sync import DDPSync, DiLoCoSync, SDPSync, Synchroniser
 from ..sync.base import TimedCall
 from . import data as D
-from .arguments import TrainArgs, batch_schedule, check_layout, lr_schedule
+from .arguments import TrainArgs, check_layout
+from .schedule import batch_schedule, lr_schedule
 from .arguments import ffn_hidden_size as _ffn_of_model
 from .metrics import dense_gpt_flops
 
