@@ -4,11 +4,26 @@ The graph is built with ``ast`` from every ``import`` statement of every module 
 ``megatron_ppu/`` (module level and inside functions alike: a cycle through a deferred import is
 still two modules that need each other), with relative imports resolved; an edge from a module
 to a package it lives in is dropped (Python imports a package before its submodules anyway).
+Imports under ``if TYPE_CHECKING:`` are left out: they name types for annotations and never run.
 """
 import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _runtime_nodes(tree):
+    """Every node of ``tree`` except those inside an ``if TYPE_CHECKING:`` block."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", getattr(child.test, "attr", None)) == \
+                    "TYPE_CHECKING":
+                todo.extend(child.orelse)
+                continue
+            todo.append(child)
 
 
 def import_graph(package_dir: Path) -> dict:
@@ -23,7 +38,7 @@ def import_graph(package_dir: Path) -> dict:
     for mod, path in files.items():
         is_pkg = path.name == "__init__.py"
         deps = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):

@@ -311,6 +311,13 @@ class TrainArgs:
             out[dest] = (v == f.metadata["const"]) if "const" in f.metadata else v
         return out
 
+    def all_flag_values(self) -> Dict[str, object]:
+        """:meth:`flag_values` of every group (Megatron-LM's groups, then megatron_ppu's features)."""
+        out: Dict[str, object] = {}
+        for cls in GROUPS:
+            out.update(self.flag_values(getattr(self, GROUP_ATTR[cls])))
+        return out
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -264,14 +264,11 @@ def run_config(a, world_size: int) -> dict:
     """The W&B run's config: every flag's value under its Megatron-LM dest name (``lr``,
     ``hidden_size``, ``ppu_slices``, ...; Megatron-LM logs ``vars(args)``), the world size, and
     ``slurm_job_name`` (as Megatron-LM adds it)."""
-    from .arguments import GROUP_ATTR, GROUPS
-
     out = {}
-    for cls in GROUPS:
-        for k, v in a.flag_values(getattr(a, GROUP_ATTR[cls])).items():
-            ok = v is None or isinstance(v, (bool, int, float, str)) or (
-                isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
-            out[k] = list(v) if isinstance(v, tuple) else v if ok else str(v)
+    for k, v in a.all_flag_values().items():
+        ok = v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v))
+        out[k] = list(v) if isinstance(v, tuple) else v if ok else str(v)
     out["world_size"] = world_size
     out["slurm_job_name"] = os.getenv("SLURM_JOB_NAME", "N/A")
     return out
