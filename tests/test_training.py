@@ -22,6 +22,14 @@ def test_ppu_two_replicas_and_ddp_train_on_tool_made_data(tiny_data):
         assert r["losses"][-1] < r["losses"][0]  # it learns
         assert 1.0 < r["eval"]["ppl"] < 600  # perplexity of a 500-token vocabulary, after training
     assert ppu["syncs"] == 2 and ddp["syncs"] == 0
+    # DDP's bytes (DDPSync.stats), hand-derived: every iteration all-reduces one fp32 gradient per
+    # trainable element over the K = 2 ranks; a ring all-reduce sends 2 (K-1)/K x those bytes per rank.
+    k, iters, grad_bytes = 2, 8, 4 * ddp["trainable_numel"]
+    s = ddp["sync_stats"]
+    assert s["reductions"] == iters
+    assert s["payload_bytes"] == s["bytes_handed"] == iters * grad_bytes
+    assert s["grad_bytes_sent"] == 2 * (k - 1) / k * iters * grad_bytes
+    assert "outer_bytes_sent" not in s  # not an outer sync (the log's "outer" column stays DiLoCo's)
 
 
 @pytest.mark.timeout(900)

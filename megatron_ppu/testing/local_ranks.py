@@ -5,11 +5,16 @@ Used by the multi-rank tests (``tests/harness.py``) and the benchmarks
 TCP store on localhost, one thread by default, and a log file. The caller learns of
 every failure: a rank that exits non-zero stops the job (its peers, blocked in a
 collective, are killed a few seconds later), a job past its timeout is killed, and
-no rank outlives the call (also when the caller is interrupted).
+no rank outlives the call (also when the caller is interrupted), nor any process a rank
+started: each rank leads its own process group, killed by its id at the end. (A rank killed
+or ended with ``os._exit`` after a ``dist_checkpointing.save`` leaves megatron-core's
+results-queue ``Manager`` server, a spawn process, and its resource tracker alive, reparented
+to init: its ``Finalize`` runs only at a normal interpreter exit.)
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -51,7 +56,8 @@ def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str
                               "OMP_NUM_THREADS": str(threads_per_rank), "MKL_NUM_THREADS": str(threads_per_rank),
                               "PYTHONWARNINGS": "ignore"})
             child_env.update(env or {})
-            procs.append(subprocess.Popen(list(cmd), cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(list(cmd), cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # process group = the rank's pid
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
@@ -70,6 +76,11 @@ def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str
                 p.kill()
         for p in procs:
             p.wait()
+        for p in procs:  # what the ranks started and left behind (same process group, also if orphaned)
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # none left
+                pass
     texts = []
     for log in logs:
         log.seek(0)
