@@ -33,6 +33,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _kill_process_groups(pgids: Sequence[int], wait_s: float = 10.0) -> None:
+    """SIGKILL what is left in each process group (what a rank started and left behind, also if
+    reparented to init), then wait up to ``wait_s`` seconds until the groups are empty."""
+    left = list(pgids)
+    deadline = time.monotonic() + wait_s
+    while left:
+        for g in list(left):
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # empty (or not ours any more)
+                left.remove(g)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
+
+
 def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str], *, cwd: str,
                     timeout: float, env: Optional[Dict[str, str]] = None, threads_per_rank: int = 1,
                     grace_s: float = 5.0, label: str = "") -> List[str]:
@@ -76,11 +92,7 @@ def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str
                 p.kill()
         for p in procs:
             p.wait()
-        for p in procs:  # what the ranks started and left behind (same process group, also if orphaned)
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):  # none left
-                pass
+        _kill_process_groups([p.pid for p in procs])
     texts = []
     for log in logs:
         log.seek(0)
