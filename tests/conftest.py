@@ -45,7 +45,7 @@ def _session_processes(session_id):
         try:
             env = p.environ()
             if env.get(_SESSION_ENV) == session_id and p.status() != psutil.STATUS_ZOMBIE:
-                out.append((p, env.get(_TEST_ENV, "?"), " ".join(p.cmdline())[:200]))
+                out.append((p, env.get(_TEST_ENV, "?"), f"(parent {p.ppid()}) " + " ".join(p.cmdline())[:200]))
         except (psutil.Error, OSError):  # gone, or not ours to read
             continue
     return out
@@ -88,8 +88,7 @@ def _no_leaked_processes():
             p.kill()
         except psutil.Error:
             pass
-    lines = [f"pid {p.pid} (parent {p.ppid() if p.is_running() else '?'}), started by {test}: {cmd}"
-             for p, test, cmd in left]
+    lines = [f"pid {p.pid} {cmd}, started by {test}" for p, test, cmd in left]
     pytest.fail(f"{len(left)} process(es) started by the test suite outlived it by {LEAK_GRACE_S:.0f} s "
                 "(killed now):\n" + "\n".join(lines), pytrace=False)
 
