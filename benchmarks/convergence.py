@@ -6,7 +6,10 @@ Every method trains the same GPT on the embedded State of the Union corpus with 
 replicas (4 CPU ranks, gloo), the same global batch, the same number of iterations and
 the same optimiser settings (AdamW beta2 0.99, weight decay 0.1, linear warm-up then
 cosine; outer Nesterov SGD lr 0.7, momentum 0.9, H local steps), so every method sees
-the same tokens. For each method it records the training loss of every iteration (mean
+the same tokens. Each run is built by ``megatron_ppu.training.build`` and trains with
+``Trainer.train`` (its callbacks record the losses and evaluations), so the last evaluation
+follows the end-of-training sync of pending partial rounds, as in ``pretrain_gpt_ppu.py``.
+For each method it records the training loss of every iteration (mean
 over ranks), the held-out loss/perplexity every ``--eval-interval`` iterations (the
 library's ``Trainer.evaluate``: the same validation batches, mean over replicas), the
 final held-out perplexity, per-rank state bytes measured from the live tensors (weights,
