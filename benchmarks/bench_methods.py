@@ -11,14 +11,16 @@ ranks (gloo), each method in a fresh process group (so that peak memory is per m
 * peak process memory (``ru_maxrss``) per rank, and its growth over the process's
   footprint before the model was built;
 * FLOPs of one training step, counted with ``torch.utils.flop_counter.FlopCounterMode``
-  around ``Trainer.train_step`` (forward, backward, optimizer step, any sync);
+  around one iteration of ``Trainer.train`` (forward, backward, optimizer step, any sync); every
+  method is built by ``megatron_ppu.training.build`` and trains with ``Trainer.train`` (per-iteration
+  callback);
 * median step time over ``--steps`` steps (wall clock, slowest rank, after a barrier)
   and median CPU time per step (``time.process_time``, mean over ranks) and their
   ratio to DDP; the sync steps of the DiLoCo methods are included in the means and
   shown separately;
-* bytes sent per rank per step: DiLoCo's outer all-reduce bytes (ring, 2(K-1)/K x payload,
-  as counted by ``DiLoCo.stats``) divided by the steps run (a multiple of H); for DDP
-  2(K-1)/K x the gradient buffer bytes, all-reduced every step.
+* bytes sent per rank per step, as the synchroniser's ``stats()`` counts them, divided by the
+  steps run (a multiple of H): DiLoCo's outer all-reduce bytes (ring, 2(K-1)/K x payload);
+  DDP's gradient all-reduce (``DDPSync.stats``: 2(K-1)/K x the gradient buffer bytes, every step).
 
 Every measured figure is printed next to the cost model's prediction
 (:mod:`megatron_ppu.estimate`, fp32 layout with the outer state on the host, see
@@ -45,6 +47,7 @@ times then include waiting for a core; the CPU time per step does not.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -180,49 +183,64 @@ def predict_sdp(argv, world: int, vocab_size: int, ranks: list) -> dict:
 
 # ------------------------------------------------------------------ worker side
 def run_worker(spec: dict) -> dict:
-    """One rank of one method: build, warm up, count FLOPs of a step, time steps, measure state."""
-    import torch
+    """One rank of one method: build (``megatron_ppu.training.build``), then ``Trainer.train`` for
+    ``warmup + 1 + steps + 1`` iterations: warm-up steps, one step under ``FlopCounterMode``, the
+    timed steps (a barrier before each), and one last iteration, untimed, that holds the end of the
+    run (DiLoCo's final sync, the evaluation). State and bytes are taken after the timed steps."""
     import torch.distributed as dist
     from torch.utils.flop_counter import FlopCounterMode
 
     from megatron_ppu.testing.accounting import measure_state_bytes, predict_state_bytes
-    from megatron_ppu.sync import DiLoCoSync, SDPSync
 
     rss_start = C.max_rss_bytes()  # after importing torch and megatron-core: the baseline
     t_build = time.perf_counter()
     tr = C.build_trainer(spec["argv"])
     t_build = time.perf_counter() - t_build
     rank, world = dist.get_rank(), dist.get_world_size()
+    warmup, steps = spec["warmup"], spec["steps"]
+    flop_it, timed_end = warmup + 1, warmup + 1 + steps  # the FLOP-counted iteration, the last timed one
+    assert tr.args.training.train_iters == timed_end + 1, (tr.args.training.train_iters, timed_end)
     out = {"rank": rank, "world": world, "build_s": t_build,
            "vocab_size": tr.run.tokenizer.vocab_size, "plan": tr.plan.summary(),
            "owned_numel": tr.plan.owned_numel(), "total_numel": tr.plan.total_numel(),
            "held_blocks": tr.run.held_blocks}
     out["rss_start"] = rss_start
     out["rss_after_build"] = C.current_rss_bytes()
-
-    for _ in range(spec["warmup"]):
-        tr.train_step()
-    out["rss_after_warmup"] = C.max_rss_bytes()
-
-    dist.barrier()
-    with FlopCounterMode(display=False) as fc:
-        tr.train_step()
-    out["flops_step"] = int(fc.get_total_flops())
-    by_op = {}
-    for mod, ops in fc.get_flop_counts().items():
-        if mod == "Global":
-            by_op = {str(op): int(n) for op, n in ops.items()}
-    out["flops_by_op"] = by_op
-
     walls, cpus, syncs, loss = [], [], [], []
-    for _ in range(spec["steps"]):
-        dist.barrier()
-        w0, c0 = time.perf_counter(), time.process_time()
-        st = tr.train_step()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
-        syncs.append(int(st["syncs"]))
-        loss.append(st["loss"])
+    clock = {}
+
+    def start(it: int) -> None:
+        """Before iteration it + 1 (at the end of iteration it, or before training for it = 0)."""
+        if it == warmup:
+            out["rss_after_warmup"] = C.max_rss_bytes()
+        if it + 1 == flop_it:
+            dist.barrier()
+            clock["flops"] = FlopCounterMode(display=False)
+            clock["flops"].__enter__()
+        elif flop_it < it + 1 <= timed_end:
+            dist.barrier()
+            clock["w0"], clock["c0"] = time.perf_counter(), time.process_time()
+
+    def on_iteration(trainer, st) -> None:
+        it = trainer.iteration
+        if it == flop_it:
+            fc = clock.pop("flops")
+            fc.__exit__(None, None, None)
+            out["flops_step"] = int(fc.get_total_flops())
+            out["flops_by_op"] = {str(op): int(n) for mod, ops in fc.get_flop_counts().items() if mod == "Global"
+                                  for op, n in ops.items()}
+        elif flop_it < it <= timed_end:
+            walls.append(time.perf_counter() - clock["w0"])
+            cpus.append(time.process_time() - clock["c0"])
+            syncs.append(int(st["syncs"]))
+            loss.append(st["loss"])
+        if it == timed_end:  # the counters of the timed steps (not the final iteration's end-of-run sync)
+            out["sync_stats"] = trainer.sync.stats()
+            out["inner_steps"] = it
+        start(it)
+
+    start(0)
+    tr.train(on_iteration=on_iteration)
     out.update(walls=walls, cpus=cpus, syncs=syncs, losses=loss)
 
     sb = measure_state_bytes([tr.ddp], tr.optimizer)
@@ -232,32 +250,14 @@ def run_worker(spec: dict) -> dict:
     out["weights_bytes"] = sum(p.numel() * p.element_size() for p in tr.model.parameters())
     plan_sb = predict_state_bytes(tr.plan.owned_numel(), bf16=False)  # what the ownership plan predicts
     out["plan_grad_bytes"], out["plan_optimizer_bytes"] = plan_sb.grads, plan_sb.optimizer
-    s = tr.sync.stats()
-    if isinstance(tr.sync, SDPSync):
-        # SDP per-step sync: sub-group gradient all-reduces (+ refresh broadcasts of the non-held
-        # values with backward masking; deferred to evaluation with forward masking).
-        sent = s["grad_bytes_sent"] + s["refresh_bytes_sent"]
-        out["outer_bytes"] = 0
-        out["inner_steps"] = tr.iteration
-        out["sync_stats"] = {**s, "bytes_sent": sent}
-        out["bytes_sent_per_step"] = sent / s["steps"]
-        out["grad_bytes_sent_per_step"] = s["grad_bytes_sent"] / s["steps"]
-        out["refresh_bytes_sent_per_step"] = s["refresh_bytes_sent"] / s["steps"]
-    elif isinstance(tr.sync, DiLoCoSync):
-        d = tr.sync
-        out["outer_bytes"] = d.outer_state_bytes()
-        out["inner_steps"] = d.step
-        out["syncs_total"] = s["syncs"]
-        out["ring_bytes_sent"] = s["outer_bytes_sent"]
-        out["payload_bytes"] = s["payload_bytes"]
-        out["bytes_sent_per_step"] = s["outer_bytes_sent"] / d.step
-        out["fragments"] = len(d.fragments)
-    else:
-        out["outer_bytes"] = 0
-        k = world
-        # Megatron DDP all-reduces its whole gradient buffer every step (ring: 2(K-1)/K x M).
-        out["bytes_sent_per_step"] = 2 * (k - 1) / k * sb.grads if k > 1 else 0
-        out["inner_steps"] = tr.iteration
+    out["outer_bytes"] = tr.sync.outer_state_bytes()  # DiLoCo's host snapshot + momentum; else 0
+    # bytes on the wire per rank, by kind, as the synchroniser counts them: DDP, its gradient
+    # all-reduce (2(K-1)/K x the gradient buffer, every step); DiLoCo, the outer syncs (ring,
+    # 2(K-1)/K x payload); per-step SDP, sub-group gradient all-reduces + refreshes of non-holders
+    s, n = out["sync_stats"], out["inner_steps"]
+    out["syncs_total"] = s.get("syncs")
+    out["bytes_sent_per_step"] = sum(v for k, v in s.items() if k.endswith("_bytes_sent")) / n
+    out.update({f"{k}_per_step": v / n for k, v in s.items() if k.endswith("_bytes_sent")})
     out["rss_peak"] = C.max_rss_bytes()
     return out
 
@@ -278,60 +278,57 @@ def run_timing_worker(spec: dict) -> dict:
     """One process, one thread: the per-rank compute of every variant, timed round-robin.
 
     Builds the dense model and the PPU models of slice ``spec['slice_index']`` from the same
-    config (the library's spec, Megatron DDP and optimizer, as the trainer does), then times
-    forward, backward (incl. DDP's grad finish) and the optimizer step of each variant in
+    run (``megatron_ppu.training.build.build_variant``: the builder's model, DDP, optimizer and
+    scheduler), then times forward, backward (incl. DDP's grad finish) and the optimizer step of
+    ``Trainer.train_step`` (the trainer's forward step and loss) of each variant in
     turn for ``spec['rounds']`` rounds, so that a drift of the machine's background load hits
     every variant alike. One extra step per variant runs under ``torch.profiler`` to split
     the time into GEMMs, copies/elementwise bookkeeping and the rest.
     """
     import torch
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_ppu.config import PPUConfig
+    from megatron_ppu.sync import DDPSync
+    from megatron_ppu.training.build import build_variant
+    from megatron_ppu.training.loop import Trainer
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from megatron_ppu.config import PPUConfig
-    from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
-    from megatron_ppu.spec import get_gpt_layer_ppu_spec
+    class PhaseClock(DDPSync):
+        """The world-1 DDP synchroniser with the trainer's hook points timestamped: the end of
+        backward (``after_backward``: after Megatron's gradient finish) and of the optimizer step."""
 
-    base = C.build_trainer(spec["argv"])  # world 1, dense: gives config, vocab, data, layout
+        def __init__(self, sync):
+            super().__init__(sync.grad_sync, sync.grad_bytes, sync.group_size)
+            self.marks = {}
+
+        def after_backward(self):
+            self.marks["bwd"] = (time.perf_counter(), time.process_time())
+
+        def after_optimizer_step(self):
+            self.marks["opt"] = (time.perf_counter(), time.process_time())
+
+    base = C.build_trainer(spec["argv"])  # world 1, dense: the run every variant is built from
     torch.set_num_threads(1)
-    cfg, a = base.config, base.args
-    batch = base.batches.next_step(1)[0]
     variants = {}
     for name in spec["variants"]:
         label, n, heads = TIMING_VARIANTS[name]
-        if name == "dense":
-            ddp, opt = base.ddp, base.optimizer
-        else:
-            torch.manual_seed(a.training.seed)
-            model = GPTModel(cfg, get_gpt_layer_ppu_spec(PPUConfig(n, heads), spec["slice_index"] % n,
-                                                         normalization=a.model.normalization),
-                             vocab_size=base.vocab_size, max_sequence_length=a.model.seq_length,
-                             pre_process=True, post_process=True,
-                             share_embeddings_and_output_weights=True,
-                             position_embedding_type=a.model.position_embedding_type)
-            ddp = wrap_model_ddp(model, base.layout)
-            opt = build_inner_optimizer([ddp], OptimizerConfig(
-                optimizer="adam", lr=a.training.lr, weight_decay=a.training.weight_decay,
-                adam_beta2=a.training.adam_beta2, clip_grad=a.training.clip_grad), base.layout)
-            build_param_scheduler(opt, lr=a.training.lr, weight_decay=a.training.weight_decay)
-        variants[name] = {"label": label, "ddp": ddp, "opt": opt, "times": []}
+        # the model, DDP, optimizer and scheduler of slice spec['slice_index'] of N (build.py's steps)
+        run = build_variant(base.run, PPUConfig(n, heads), spec["slice_index"] % n)
+        clock = PhaseClock(base.sync)
+        tr = Trainer(dataclasses.replace(run, sync=clock))
+        tr.model.register_forward_pre_hook(lambda *_, c=clock: c.marks.__setitem__(
+            "start", (time.perf_counter(), time.process_time())))
+        tr.model.register_forward_hook(lambda *_, c=clock: c.marks.__setitem__(
+            "fwd", (time.perf_counter(), time.process_time())))
+        variants[name] = {"label": label, "trainer": tr, "clock": clock, "times": []}
 
     def one_step(v):
-        """(wall, CPU) seconds of forward, backward, optimizer step and the whole step."""
-        ddp, opt = v["ddp"], v["opt"]
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = ddp(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-        loss = (out.float() * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
-        w1, c1 = time.perf_counter(), time.process_time()
-        loss.backward()
-        ddp.finish_grad_sync()
-        w2, c2 = time.perf_counter(), time.process_time()
-        opt.step()
-        w3, c3 = time.perf_counter(), time.process_time()
+        """(wall, CPU) seconds of forward, backward (loss, backward, gradient finish), optimizer step
+        and the whole step of one ``Trainer.train_step`` (its forward step and loss)."""
+        v["trainer"].train_step()
+        mk = v["clock"].marks
+        (w0, c0), (_, c1), (_, c2), (w3, c3) = mk["start"], mk["fwd"], mk["bwd"], mk["opt"]
         return {"fwd": c1 - c0, "bwd": c2 - c1, "fwd_bwd": c2 - c0, "opt": c3 - c2, "step": c3 - c0, "wall": w3 - w0}
 
     for v in variants.values():  # warm-up (Adam state, allocator)
@@ -363,7 +360,7 @@ def run_timing_worker(spec: dict) -> dict:
             **{f"{k}_median_s": statistics.median(x) for k, x in col.items()},
             **{f"{k}_min_s": min(x) for k, x in col.items()}, "times": v["times"],
             "profile_s": cats, "profile_top": top[:12],
-            "trainable_elements": sum(p.numel() for p in v["ddp"].parameters() if p.requires_grad)}
+            "trainable_elements": sum(p.numel() for p in v["trainer"].ddp.parameters() if p.requires_grad)}
     return out
 
 
@@ -440,8 +437,8 @@ def summarise(name: str, label: str, argv, ranks: list, world: int) -> dict:
         "plan_state_exact_all_ranks": all(r["grad_bytes"] == r["plan_grad_bytes"]
                                           and r["optimizer_bytes"] == r["plan_optimizer_bytes"] for r in ranks),
     }
-    if "sync_stats" in r0:
-        m["sync_stats_per_rank"] = [r["sync_stats"] for r in ranks]
+    m["sync_stats_per_rank"] = [r["sync_stats"] for r in ranks]
+    if "refresh_bytes_sent_per_step" in r0:  # per-step SDP: gradients + refreshes, shown apart
         m["grad_bytes_sent_per_step"] = across("grad_bytes_sent_per_step")
         m["refresh_bytes_sent_per_step"] = across("refresh_bytes_sent_per_step")
     m["state_bytes"] = m["weights_bytes"] + m["grad_bytes"] + m["optimizer_bytes"] + m["outer_bytes"]
@@ -730,7 +727,7 @@ def main(argv=None) -> dict:
     results = {}
     for name in names:
         label, extra = all_methods[name]
-        argv_m = method_argv(model, total + 10, extra)
+        argv_m = method_argv(model, total + 1, extra)  # + 1: the untimed last iteration (see run_worker)
         spec = {"name": name, "argv": argv_m, "warmup": a.warmup, "steps": steps}
         ts = time.time()
         ranks = C.launch_ranks(os.path.abspath(__file__), a.nproc, spec, log_dir=a.log_dir)

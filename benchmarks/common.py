@@ -117,6 +117,10 @@ def worker_main(run_fn) -> None:
 
         traceback.print_exc()
         sys.stdout.flush()
+        import multiprocessing
+
+        for child in multiprocessing.active_children():  # os._exit skips multiprocessing's exit handlers
+            child.kill()
         os._exit(1)  # peers may be blocked in a collective
 
 

@@ -6,7 +6,10 @@ Every method trains the same GPT on the embedded State of the Union corpus with 
 replicas (4 CPU ranks, gloo), the same global batch, the same number of iterations and
 the same optimiser settings (AdamW beta2 0.99, weight decay 0.1, linear warm-up then
 cosine; outer Nesterov SGD lr 0.7, momentum 0.9, H local steps), so every method sees
-the same tokens. For each method it records the training loss of every iteration (mean
+the same tokens. Each run is built by ``megatron_ppu.training.build`` and trains with
+``Trainer.train`` (its callbacks record the losses and evaluations), so the last evaluation
+follows the end-of-training sync of pending partial rounds, as in ``pretrain_gpt_ppu.py``.
+For each method it records the training loss of every iteration (mean
 over ranks), the held-out loss/perplexity every ``--eval-interval`` iterations (the
 library's ``Trainer.evaluate``: the same validation batches, mean over replicas), the
 final held-out perplexity, per-rank state bytes measured from the live tensors (weights,
@@ -151,35 +154,36 @@ def methods(a) -> dict:
 
 # ------------------------------------------------------------------ worker side
 def run_worker(spec: dict) -> dict:
-    """One rank of one method: train, evaluate at intervals, measure state, report."""
+    """One rank of one method: train with ``Trainer.train`` (evaluating every ``--eval-interval``
+    iterations and after the last one, after the final sync of the pending partial rounds),
+    measure state, report."""
     import torch.distributed as dist
 
     from megatron_ppu.testing.accounting import measure_state_bytes, predict_state_bytes
-    from megatron_ppu.sync import DiLoCoSync, SDPSync
 
     rss_start = C.max_rss_bytes()
     t0 = time.perf_counter()
     tr = C.build_trainer(spec["argv"])
     rank, world = dist.get_rank(), dist.get_world_size()
-    iters, interval = spec["iters"], spec["eval_interval"]
+    iters = spec["iters"]
+    assert tr.args.training.train_iters == iters and tr.args.checkpoint.eval_interval == spec["eval_interval"]
     losses, evals = [], []
     progress = spec.get("progress") if rank == world - 1 else None
     t_train = time.perf_counter()
-    ev = tr.evaluate()  # at initialisation (every method starts from the same weights)
-    evals.append({"iteration": 0, "loss": ev["loss"], "ppl": ev["ppl"], "wall_s": 0.0})
-    while tr.iteration < iters:
-        st = tr.train_step()
-        losses.append(st["loss"])
-        it = tr.iteration
-        if it % interval == 0 or it == iters:
-            ev = tr.evaluate()
-            evals.append({"iteration": it, "loss": ev["loss"], "ppl": ev["ppl"],
-                          "wall_s": time.perf_counter() - t_train})
-            if progress:
-                with open(progress + ".tmp", "w") as f:
-                    json.dump({"iteration": it, "of": iters, "evals": evals,
-                               "wall_s": time.perf_counter() - t_train}, f)
-                os.replace(progress + ".tmp", progress)
+
+    def on_evaluation(trainer, ev):
+        evals.append({"iteration": trainer.iteration, "loss": ev["loss"], "ppl": ev["ppl"],
+                      "wall_s": time.perf_counter() - t_train})
+        if progress:
+            with open(progress + ".tmp", "w") as f:
+                json.dump({"iteration": trainer.iteration, "of": iters, "evals": evals,
+                           "wall_s": time.perf_counter() - t_train}, f)
+            os.replace(progress + ".tmp", progress)
+
+    on_evaluation(tr, tr.evaluate())  # at initialisation (every method starts from the same weights)
+    t_train = time.perf_counter()
+    evals[0]["wall_s"] = 0.0
+    tr.train(on_iteration=lambda trainer, st: losses.append(st["loss"]), on_evaluation=on_evaluation)
     train_s = time.perf_counter() - t_train
     sb = measure_state_bytes([tr.ddp], tr.optimizer)
     stats = tr.sync.stats()
@@ -187,12 +191,12 @@ def run_worker(spec: dict) -> dict:
            "total_s": time.perf_counter() - t0, "grad_bytes": sb.grads, "optimizer_bytes": sb.optimizer,
            "trainable_elements": sb.trainable_elements,
            "weights_bytes": sum(p.numel() * p.element_size() for p in tr.model.parameters()),
-           "outer_bytes": tr.sync.outer_state_bytes() if isinstance(tr.sync, DiLoCoSync) else 0,
+           "outer_bytes": tr.sync.outer_state_bytes(),
            "syncs": stats.get("syncs", 0),
-           # bytes by kind from the synchroniser (DiLoCo: outer syncs; SDP: gradients + refreshes); DDP: the ring model
-           "bytes_sent": sum(v for k, v in stats.items() if k.endswith("_bytes_sent")) if stats else
-           (2 * (world - 1) / world * sb.grads * iters),
-           "sync_stats": stats if isinstance(tr.sync, SDPSync) else None,
+           # bytes on the wire by kind, as the synchroniser counts them (DDP: gradient all-reduces;
+           # DiLoCo: outer syncs, the final one included; SDP: gradients + refreshes)
+           "bytes_sent": sum(v for k, v in stats.items() if k.endswith("_bytes_sent")),
+           "sync_stats": stats,
            # grads + Adam state predicted from the ownership plan's trainable count (fp32)
            "plan_state_bytes": (lambda b: b.grads + b.optimizer)(predict_state_bytes(tr.plan.owned_numel(), bf16=False)),
            "skipped_outer": stats.get("skipped", 0),

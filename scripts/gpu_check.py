@@ -253,7 +253,7 @@ def main() -> int:
     # remaining budget allows: SP norms and SDP clipping, bf16 outer deltas and distributed-optimizer
     # masters, the implemented Megatron flags (CUDA memory scalars, timers, per-token loss counts).
     for name, target, sel in (
-            ("tests-review", "tests/test_review_fixes.py", "sequence_parallel or sdp"),
+            ("tests-review", "tests/test_megatron_parity.py tests/test_sdp_distributed_optimizer.py", "sequence_parallel or sdp"),
             ("tests-outer", "tests/test_outer_correctness.py", "distributed_optimizer or nonowners"),
             ("tests-flags", "tests/test_megatron_flags.py", "implemented_flags_set or per_token or two_iterations"),
             # the delayed outer sync's CUDA stream (worker stream, main stream waits) and int8/fp8 on the device

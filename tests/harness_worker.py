@@ -1,6 +1,7 @@
 """Child side of :mod:`tests.harness` (``python -m tests.harness_worker TARGET KWARGS OUTDIR``)."""
 import importlib
 import json
+import multiprocessing
 import os
 import sys
 import traceback
@@ -30,6 +31,10 @@ def main() -> int:
     except BaseException:
         traceback.print_exc()
         sys.stdout.flush()
+        # os._exit skips multiprocessing's exit handlers: stop this process's children first (e.g. the
+        # spawn Manager behind megatron-core's checkpoint writer), or they outlive it, reparented to init
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(1)  # do not wait on peers that may be blocked in a collective
     return 0
 

@@ -19,7 +19,7 @@ import torch
 
 from tests.harness import REPO, RankFailure, run_ranks
 from tests.conftest import data_flags
-from tests.test_training import MODEL, _logger, _train_worker
+from tests.conftest import MODEL, _logger
 from megatron_ppu.testing.local_ranks import run_local_ranks
 
 ITER = "latest_checkpointed_iteration.txt"
@@ -104,7 +104,7 @@ def test_ranks_seeing_different_load_contents_fail_fast_with_one_clear_error(tin
     ck = str(view / "ck")
     common = MODEL + data_flags(tiny_data) + COMMON
     # A complete 2-rank checkpoint on the shared folder ...
-    run_ranks(2, "tests.test_training:_train_worker", {"runs": [common + ["--train-iters", "2", "--save", ck]]},
+    run_ranks(2, "tests.conftest:_train_worker", {"runs": [common + ["--train-iters", "2", "--save", ck]]},
               timeout=600)
     assert open(os.path.join(ck, ITER)).read().strip() == "2"
     # ... that rank 1 (another "node") cannot see: its --load folder is empty.
@@ -323,7 +323,7 @@ def test_distributed_optimizer_run_killed_and_resumed_reproduces_the_losses(tiny
     ck = str(tmp_path / "ck")
     common = MODEL + data_flags(tiny_data) + ["--train-iters", "4", "--diloco-local-steps", "0",
                                               "--use-distributed-optimizer"] + precision
-    res = run_ranks(2, "tests.test_training:_train_worker", {"runs": [
+    res = run_ranks(2, "tests.conftest:_train_worker", {"runs": [
         common,
         common + ["--save", ck, "--load", ck, "--save-interval", "2", "--exit-interval", "2"],
         common + ["--load", ck, "--save", ck],
@@ -381,7 +381,7 @@ def test_embedded_corpus_with_a_cache_folder_other_nodes_cannot_see(tmp_path):
     else:
         view.mkdir()
     argv = ["--train-iters", "1", "--eval-iters", "1", "--diloco-local-steps", "0", "--micro-batch-size", "2"]
-    res, logs, wall, failure = _run_split_view(tmp_path, "tests.test_training:_train_worker", {"runs": [argv]},
+    res, logs, wall, failure = _run_split_view(tmp_path, "tests.conftest:_train_worker", {"runs": [argv]},
                                                view, private, timeout=1100,
                                                extra_env={"MEGATRON_PPU_CACHE": str(view)})
     assert failure is None, str(failure)

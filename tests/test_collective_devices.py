@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from tests.harness import run_ranks
 from tests.conftest import data_flags
-from tests.test_training import MODEL
+from tests.conftest import MODEL
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
                "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base", "all_to_all",

@@ -6,6 +6,7 @@ import torch
 
 from megatron_ppu.config import DiLoCoConfig, validate_diloco_config
 from megatron_ppu.sync.diloco import build_fragment_plan
+from tests.conftest import _reference_algorithm1
 from tests.harness import run_ranks
 
 
@@ -55,103 +56,6 @@ def test_outer_nesterov_sign_and_momentum_by_hand():
         assert r["payload"] == 4 * 4  # 4 fp32 elements
         assert r["ring"] == 4 * 4  # 2 (K-1)/K = 1 for K = 2
     assert res[0]["values"] == res[1]["values"]
-
-
-# --------------------------------------- reference implementation of Algorithm 1
-def _ref_owned_mask(name, shape, n, N, cfg):
-    """Independent statement of which elements replica slice n trains (paper §2.2.1)."""
-    mask = torch.ones(shape, dtype=torch.bool)
-    F = cfg.ffn_hidden_size
-    f = F // N
-    if name.endswith("mlp.linear_fc1.weight") or name.endswith("mlp.linear_fc1.bias"):
-        mask[:] = False
-        mask[n * f:(n + 1) * f] = True
-        if cfg.gated_linear_unit:
-            mask[F + n * f:F + (n + 1) * f] = True
-    elif name.endswith("mlp.linear_fc2.weight"):
-        mask[:] = False
-        mask[:, n * f:(n + 1) * f] = True
-    elif ("linear_qkv.weight" in name or "linear_qkv.bias" in name) and cfg._ppu_heads:
-        groups = cfg.num_query_groups or cfg.num_attention_heads
-        rows = shape[0] // groups * (groups // N)
-        mask[:] = False
-        mask[n * rows:(n + 1) * rows] = True
-    return mask
-
-
-def _ref_fragments(names, F):
-    if F == 1:
-        return [list(names)]
-    layer = {n: int(n.split("decoder.layers.")[1].split(".")[0]) for n in names if "decoder.layers." in n}
-    others = [n for n in names if n not in layer]
-    nl = len(set(layer.values()))
-    groups = F - 1
-    sizes = [nl // groups + (1 if g < nl % groups else 0) for g in range(groups)]
-    bounds = [sum(sizes[:g]) for g in range(groups + 1)]
-    return [others] + [[n for n in names if n in layer and bounds[g] <= layer[n] < bounds[g + 1]] for g in range(groups)]
-
-
-def _reference_algorithm1(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, seed, final_sync=False):
-    """K replicas simulated in one process with plain torch: masked AdamW inner steps,
-    count-normalised delta averaging, torch-semantics Nesterov outer SGD per fragment.
-    ``final_sync``: after the last step, every fragment with steps since its last sync gets one
-    more (shorter) round's outer step, as at the end of training."""
-    from tests import gpt_utils as G
-
-    model = G.build_gpt(cfg, None, seed=seed)
-    names = [n for n, _ in model.named_parameters()]
-    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    masks = [{n: _ref_owned_mask(n, theta0[n].shape, k % N, N, cfg) for n in names} for k in range(K)]
-    count = {n: sum(masks[k][n].to(torch.float32) for k in range(K)) for n in names}
-    reps = []
-    for k in range(K):
-        params = {n: theta0[n].clone().requires_grad_(True) for n in names}
-        groups = [{"params": [params[n] for n in names if not (params[n].dim() == 1 or n.endswith(".bias"))], "weight_decay": wd},
-                  {"params": [params[n] for n in names if params[n].dim() == 1 or n.endswith(".bias")], "weight_decay": 0.0}]
-        reps.append((params, torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)))
-    frags = _ref_fragments(names, F)
-    snaps = [{n: theta0[n].clone() for n in fr} for fr in frags]
-    bufs = [dict() for _ in frags]
-    last_sync = [0 for _ in frags]
-    for s in range(1, steps + 1):
-        _reference_inner_step(model, reps, masks, s)
-        for f in range(len(frags)):
-            offset = ((f + 1) * H // len(frags)) % H
-            due = s % H == offset
-            if not due and not (final_sync and s == steps and last_sync[f] < s):
-                continue
-            last_sync[f] = s
-            for n in frags[f]:
-                delta = sum((reps[k][0][n].detach() - snaps[f][n]) * masks[k][n] for k in range(K)) / count[n]
-                g = -delta
-                bufs[f][n] = g.clone() if n not in bufs[f] else mu * bufs[f][n] + g
-                snaps[f][n] = snaps[f][n] - outer_lr * (g + mu * bufs[f][n])
-                for params, _ in reps:
-                    with torch.no_grad():
-                        params[n].copy_(snaps[f][n])
-    return [{n: p.detach() for n, p in params.items()} for params, _ in reps]
-
-
-def _reference_inner_step(model, reps, masks, s):
-    """Inner step ``s`` of every reference replica k (Algorithm 1, lines 8-10): the shared plain
-    model computes the gradient at replica k's values on its batch of step s; plain AdamW steps
-    replica k's copy with the gradient zeroed on frozen elements, and only its owned elements move."""
-    from tests import gpt_utils as G
-
-    for k, (params, opt) in enumerate(reps):
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(params[n])
-        model.zero_grad(set_to_none=True)
-        b = G.batch(seed=1000 * k + s)[0]
-        model(b["tokens"], b["position_ids"], None, labels=b["labels"]).float().mean().backward()
-        before = {n: params[n].detach().clone() for n in params}
-        for n, p in model.named_parameters():
-            params[n].grad = p.grad * masks[k][n]  # g[i] = 0 on frozen elements (line 9)
-        opt.step()
-        with torch.no_grad():  # line 10: only I_k^train is updated
-            for n in params:
-                params[n].copy_(torch.where(masks[k][n], params[n], before[n]))
 
 
 def _algo1_worker(rank, world_size, scenarios):

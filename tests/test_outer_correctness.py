@@ -1,4 +1,4 @@
-"""Outer-loop correctness (issue 17 items 2, 3, (b); issue 13 item 6), each against plain PyTorch.
+"""Outer-loop correctness, each against plain PyTorch.
 
 * bf16: a replica's outer delta is exactly 0 off its owned set (PPU slices, blocks plan).
 * The last partial round is synchronised: after training every replica holds the one global
@@ -13,17 +13,7 @@ import pytest
 import torch
 
 from tests.harness import run_ranks
-from tests.conftest import data_flags
-from tests.test_training import MODEL
-
-
-def _make_trainer(argv):
-    from megatron_ppu.training.arguments import parse_args
-    from megatron_ppu.training.loop import Trainer, init_distributed
-
-    args = parse_args(argv)
-    init_distributed()
-    return Trainer.from_args(args)
+from tests.conftest import MODEL, _dist_opt_fp32, _make_trainer, _reference_algorithm1, data_flags
 
 
 def _owned_mask_ppu(name, shape, n, N, ffn):
@@ -39,7 +29,7 @@ def _owned_mask_ppu(name, shape, n, N, ffn):
     return mask
 
 
-# ------------------------------------------------------------ 17.2: bf16 frozen-part deltas
+# ------------------------------------------------------------ bf16: frozen parts' deltas are zero
 def _bf16_delta_worker(rank, world_size, argv, case):
     import torch.distributed as dist
 
@@ -115,12 +105,11 @@ def test_bf16_nonowners_contribute_exactly_zero(tiny_data, case, flags):
             assert s["sum_err"] == 0.0, s  # averaged = (sum over replicas) / m, exactly
 
 
-# ---------------------------------------------------- 17.3: the last partial round is synchronised
+# ---------------------------------------------------- final sync: the last partial round is synchronised
 def _final_sync_worker(rank, world_size, scenarios):
     from megatron_ppu.config import DiLoCoConfig
     from megatron_ppu.parallel import build_replica_layout
     from tests import gpt_utils as G
-    from tests.test_diloco import _reference_algorithm1
 
     G.init_parallel()
     layout = build_replica_layout(world_size)
@@ -181,7 +170,7 @@ def test_replicas_hold_one_model_after_training(tiny_data, flags, iterations):
         assert r["max_replica_diff"] == 0.0, r
 
 
-# --------------------------------------------------------- 17(b): recovery from a non-finite round
+# --------------------------------------------------------- non-finite rounds: skipped, training recovers
 def _nan_worker(rank, world_size, argv, inject_at):
     import torch.distributed as dist
 
@@ -237,31 +226,7 @@ def test_nan_on_one_replica_is_skipped_and_training_recovers(tiny_data, flags, i
     assert all(math.isfinite(x) for x in losses[b:]), losses  # recovered after the skipped sync
 
 
-# ------------------------------------------- 13.6: distributed optimizer + bf16 under DiLoCo
-def _dist_opt_fp32(t):
-    """Full fp32 value of every trainable model parameter, from the distributed optimizer's shard
-    masters (Megatron's own maps), summed over the inner-DP ranks (each element on one rank)."""
-    import torch.distributed as dist
-
-    vals, shards = {}, []
-    for opt in t.optimizer.chained_optimizers:
-        for g16, g32 in zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups):
-            for p, m in zip(g16, g32):
-                r = opt._get_model_param_range_map(p)["param"]
-                shards.append((p, m, r.start, r.end))
-    by_id = {id(p): (m, s, e) for p, m, s, e in shards}
-    for name, p in t.model.named_parameters():
-        if not p.requires_grad:
-            continue
-        flat = torch.zeros(p.numel(), dtype=torch.float32)
-        if id(p) in by_id:
-            m, s, e = by_id[id(p)]
-            flat[s:e] = m.detach().float()
-        dist.all_reduce(flat, group=t.layout.inner_dp_group)
-        vals[name] = flat.view(p.shape)
-    return vals, by_id
-
-
+# ------------------------------------------- distributed optimizer + bf16 under DiLoCo
 def _dist_opt_worker(rank, world_size, argv):
     import torch.distributed as dist
 

@@ -76,7 +76,7 @@ def _reference_delayed(cfg, K, N, H, F, steps, lr, wd, outer_lr, mu, tau, alpha,
     then every fragment with steps since its last sync (or just merged with α > 0) gets one
     synchronous outer step."""
     from tests import gpt_utils as G
-    from tests.test_diloco import _ref_fragments, _ref_owned_mask, _reference_inner_step
+    from tests.conftest import _ref_fragments, _ref_owned_mask, _reference_inner_step
 
     model = G.build_gpt(cfg, None, seed=seed)
     names = [n for n, _ in model.named_parameters()]
@@ -305,7 +305,7 @@ MOCK = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 def _sharded_merge_worker(rank, world_size, argv):
     import torch.distributed as dist
 
-    from tests.test_outer_correctness import _dist_opt_fp32, _make_trainer
+    from tests.conftest import _dist_opt_fp32, _make_trainer
 
     t = _make_trainer(argv)
     loop = t.sync

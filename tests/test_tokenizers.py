@@ -28,7 +28,7 @@ from megatron_ppu.data.preprocess import preprocess_data
 from megatron_ppu.data.sentence_split import SentenceSplitter
 from megatron_ppu.data.tokenizers import build_tokenizer
 from tests.harness import REPO, run_ranks
-from tests.test_training import MODEL
+from tests.conftest import MODEL
 
 EOT = "<|endoftext|>"
 # Text with the cases that separate the conventions: a special-token string inside the text,
@@ -517,7 +517,7 @@ def test_two_iterations_with_gpt2_bpe_data(tok_files, tmp_path):
                     "GPT2BPETokenizer", "--vocab-file", tok_files["vocab"], "--merge-file",
                     tok_files["merges"], "--data-cache-path", str(tmp_path / "cache"),
                     "--split", "90,10,0", "--train-iters", "2", "--diloco-local-steps", "0"]
-    res = run_ranks(2, "tests.test_training:_train_worker", {"runs": [argv]}, timeout=800,
+    res = run_ranks(2, "tests.conftest:_train_worker", {"runs": [argv]}, timeout=800,
                     env={"HF_HUB_OFFLINE": "1"})
     losses = [r[0]["losses"] for r in res if r[0]["logger"]][0]
     assert len(losses) == 2 and all(numpy.isfinite(losses))

@@ -6,36 +6,13 @@ import sys
 
 import pytest
 
-from tests.conftest import data_flags
+from tests.conftest import MODEL, _logger, data_flags
 from tests.harness import REPO, RankFailure, run_ranks
-
-MODEL = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-         "--micro-batch-size", "4", "--lr", "1e-3", "--lr-warmup-iters", "2", "--eval-iters", "2",
-         "--log-interval", "4", "--eval-interval", "100"]
-
-
-def _train_worker(rank, world_size, runs):
-    """Run each argv in turn in this process group; return losses and final evaluation."""
-    import torch.distributed as dist
-
-    from megatron_ppu.training.loop import run
-
-    out = []
-    for argv in runs:
-        t = run(argv)
-        out.append({"losses": list(t.losses), "eval": t.final_eval, "logger": dist.get_rank() == world_size - 1,
-                    "syncs": t.sync.stats().get("syncs", 0)})
-    return out
-
-
-def _logger(results):
-    return next(r for r in results if r[0]["logger"])
-
 
 @pytest.mark.timeout(900)
 def test_ppu_two_replicas_and_ddp_train_on_tool_made_data(tiny_data):
     common = MODEL + data_flags(tiny_data) + ["--train-iters", "8"]
-    res = run_ranks(2, "tests.test_training:_train_worker", {"runs": [
+    res = run_ranks(2, "tests.conftest:_train_worker", {"runs": [
         common + ["--ppu-slices", "2", "--diloco-local-steps", "4"],
         common + ["--diloco-local-steps", "0"],
     ]}, timeout=800)
@@ -45,6 +22,14 @@ def test_ppu_two_replicas_and_ddp_train_on_tool_made_data(tiny_data):
         assert r["losses"][-1] < r["losses"][0]  # it learns
         assert 1.0 < r["eval"]["ppl"] < 600  # perplexity of a 500-token vocabulary, after training
     assert ppu["syncs"] == 2 and ddp["syncs"] == 0
+    # DDP's bytes (DDPSync.stats), hand-derived: every iteration all-reduces one fp32 gradient per
+    # trainable element over the K = 2 ranks; a ring all-reduce sends 2 (K-1)/K x those bytes per rank.
+    k, iters, grad_bytes = 2, 8, 4 * ddp["trainable_numel"]
+    s = ddp["sync_stats"]
+    assert s["reductions"] == iters
+    assert s["payload_bytes"] == s["bytes_handed"] == iters * grad_bytes
+    assert s["grad_bytes_sent"] == 2 * (k - 1) / k * iters * grad_bytes
+    assert "outer_bytes_sent" not in s  # not an outer sync (the log's "outer" column stays DiLoCo's)
 
 
 @pytest.mark.timeout(900)
@@ -52,7 +37,7 @@ def test_tensorboard_scalars_written(tiny_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = tmp_path / "tb"
-    run_ranks(1, "tests.test_training:_train_worker", {"runs": [
+    run_ranks(1, "tests.conftest:_train_worker", {"runs": [
         MODEL + data_flags(tiny_data) + ["--train-iters", "4", "--diloco-local-steps", "0",
                                          "--tensorboard-dir", str(tb)]]})
     acc = EventAccumulator(str(tb))
@@ -71,7 +56,7 @@ def test_tensorboard_scalars_written(tiny_data, tmp_path):
 def test_interrupted_run_resumes_to_identical_losses(tiny_data, tmp_path, method):
     ck = str(tmp_path / "ckpt")
     common = MODEL + data_flags(tiny_data) + ["--train-iters", "8"] + method
-    res = run_ranks(2, "tests.test_training:_train_worker", {"runs": [
+    res = run_ranks(2, "tests.conftest:_train_worker", {"runs": [
         common,  # uninterrupted
         common + ["--save", ck, "--save-interval", "5", "--exit-interval", "5"],  # "crashes" after 5
         common + ["--load", ck, "--save", ck],  # resumes
@@ -93,14 +78,14 @@ def test_tp2_and_pp2_match_tp1_losses(tiny_data, tmp_path):
     base = MODEL + data_flags(tiny_data) + ["--hidden-dropout", "0", "--attention-dropout", "0",
                                             "--diloco-local-steps", "0", "--swiglu"]
     # Shared starting weights: a checkpoint from a TP=1 run, loaded with --finetune (Megatron full layout).
-    run_ranks(1, "tests.test_training:_train_worker", {"runs": [base + ["--train-iters", "1", "--save", ck]]})
+    run_ranks(1, "tests.conftest:_train_worker", {"runs": [base + ["--train-iters", "1", "--save", ck]]})
     start = base + ["--load", ck, "--finetune", "--train-iters", "2"]
-    tp1_runs = _logger(run_ranks(1, "tests.test_training:_train_worker", {"runs": [
+    tp1_runs = _logger(run_ranks(1, "tests.conftest:_train_worker", {"runs": [
         start, start + ["--recompute-granularity", "full", "--recompute-method", "uniform",
                         "--recompute-num-layers", "1"]]}))
     tp1 = tp1_runs[0]["losses"]
     assert tp1_runs[1]["losses"] == pytest.approx(tp1, rel=1e-6)  # activation recompute changes nothing
-    res = _logger(run_ranks(2, "tests.test_training:_train_worker", {"runs": [
+    res = _logger(run_ranks(2, "tests.conftest:_train_worker", {"runs": [
         start + ["--tensor-model-parallel-size", "2"],
         start + ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
         start + ["--pipeline-model-parallel-size", "2"]]}))
@@ -153,10 +138,10 @@ def test_corrupt_idx_is_a_clear_error(tiny_data, tmp_path):
 def test_mismatched_checkpoint_is_refused_and_nothing_written(tiny_data, tmp_path):
     ck = str(tmp_path / "ck")
     common = MODEL + data_flags(tiny_data) + ["--train-iters", "2", "--diloco-local-steps", "2"]
-    run_ranks(2, "tests.test_training:_train_worker", {"runs": [common + ["--ppu-slices", "2", "--save", ck]]})
+    run_ranks(2, "tests.conftest:_train_worker", {"runs": [common + ["--ppu-slices", "2", "--save", ck]]})
     before = sorted(os.listdir(ck))
     with pytest.raises(RankFailure) as e:
-        run_ranks(2, "tests.test_training:_train_worker", {"runs": [common + ["--ppu-slices", "1", "--load", ck,
+        run_ranks(2, "tests.conftest:_train_worker", {"runs": [common + ["--ppu-slices", "1", "--load", ck,
                                                                               "--save", ck]]})
     assert "CheckpointError" in str(e.value) and "num_slices" in str(e.value) and "--finetune" in str(e.value)
     assert sorted(os.listdir(ck)) == before  # nothing new, nothing half-written

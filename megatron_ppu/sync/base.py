@@ -80,6 +80,11 @@ class Synchroniser:
         replicas (DDP: Megatron's gradient all-reduce; DiLoCo: the outer reductions)."""
         return {}
 
+    def outer_state_bytes(self) -> int:
+        """Bytes of the state this method keeps beyond the inner training state (DiLoCo: the host
+        snapshot and outer momentum); 0 for methods without an outer loop."""
+        return 0
+
     def describe(self) -> str:
         """One phrase for the start-up log line."""
         raise NotImplementedError
@@ -93,12 +98,13 @@ class TimedCall:
     """``fn`` with the wall-clock seconds of its calls added up in ``seconds`` (CUDA-synchronised
     on a GPU, so that asynchronous kernels are counted): the gradient all-reduce that Megatron's
     schedule calls at the end of every backward (``finalize_model_grads``), timed for
-    ``comm_wait_s``."""
+    ``comm_wait_s``; ``calls`` counts the calls (DDP's gradient reductions, for its bytes sent)."""
 
     def __init__(self, fn: Callable):
-        self.fn, self.seconds = fn, 0.0
+        self.fn, self.seconds, self.calls = fn, 0.0, 0
 
     def __call__(self, *args, **kwargs):
+        self.calls += 1
         t0 = time.perf_counter()
         try:
             return self.fn(*args, **kwargs)

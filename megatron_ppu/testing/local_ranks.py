@@ -5,11 +5,16 @@ Used by the multi-rank tests (``tests/harness.py``) and the benchmarks
 TCP store on localhost, one thread by default, and a log file. The caller learns of
 every failure: a rank that exits non-zero stops the job (its peers, blocked in a
 collective, are killed a few seconds later), a job past its timeout is killed, and
-no rank outlives the call (also when the caller is interrupted).
+no rank outlives the call (also when the caller is interrupted), nor any process a rank
+started: each rank leads its own process group, killed by its id at the end. (A rank killed
+or ended with ``os._exit`` after a ``dist_checkpointing.save`` leaves megatron-core's
+results-queue ``Manager`` server, a spawn process, and its resource tracker alive, reparented
+to init: its ``Finalize`` runs only at a normal interpreter exit.)
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -26,6 +31,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _kill_process_groups(pgids: Sequence[int], wait_s: float = 10.0) -> None:
+    """SIGKILL what is left in each process group (what a rank started and left behind, also if
+    reparented to init), then wait up to ``wait_s`` seconds until the groups are empty."""
+    left = list(pgids)
+    deadline = time.monotonic() + wait_s
+    while left:
+        for g in list(left):
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):  # empty (or not ours any more)
+                left.remove(g)
+        if not left or time.monotonic() > deadline:
+            return
+        time.sleep(0.05)
 
 
 def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str], *, cwd: str,
@@ -51,7 +72,8 @@ def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str
                               "OMP_NUM_THREADS": str(threads_per_rank), "MKL_NUM_THREADS": str(threads_per_rank),
                               "PYTHONWARNINGS": "ignore"})
             child_env.update(env or {})
-            procs.append(subprocess.Popen(list(cmd), cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(list(cmd), cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT,
+                                          start_new_session=True))  # process group = the rank's pid
         deadline = time.monotonic() + timeout
         while any(p.poll() is None for p in procs):
             if time.monotonic() > deadline:
@@ -70,6 +92,7 @@ def run_local_ranks(cmd: Sequence[str], world_size: int, log_paths: Sequence[str
                 p.kill()
         for p in procs:
             p.wait()
+        _kill_process_groups([p.pid for p in procs])
     texts = []
     for log in logs:
         log.seek(0)

@@ -50,6 +50,7 @@ from ..spec import get_gpt_decoder_ppu_spec
 from ..subnet import SubnetConfig, apply_block_plan, block_assignment, block_holders_fn
 from ..sync import DDPSync, DiLoCoSync, SDPSync, Synchroniser
 from ..sync.base import TimedCall
+from ..sync.ddp import grad_buffer_bytes
 from . import data as D
 from .arguments import TrainArgs, check_layout
 from .schedule import batch_schedule, lr_schedule
@@ -141,7 +142,7 @@ def build_run(args: TrainArgs) -> Run:
     ddp = _build_ddp(a, config, model, layout, dtype)
     optimizer = _build_optimizer(a, ddp, layout, dtype, plan)
     scheduler = _build_scheduler(a, optimizer, sched)
-    sync = _build_synchroniser(a, subnet, model, plan, layout, optimizer, blocks, config)
+    sync = _build_synchroniser(a, subnet, model, plan, layout, optimizer, blocks, config, ddp)
     optimizer = sync.wrap_optimizer(optimizer)
     m = a.model
     flops = dense_gpt_flops(
@@ -153,6 +154,24 @@ def build_run(args: TrainArgs) -> Run:
     return Run(args=a, dp=dp, layout=layout, ppu=ppu, subnet=subnet, batches=sched, data=data, config=config,
                model=model, blocks=blocks, plan=plan, ddp=ddp, optimizer=optimizer, scheduler=scheduler, sync=sync,
                flops_per_iteration=flops)
+
+
+def build_variant(run: Run, ppu: PPUConfig, slice_index: int) -> Run:
+    """``run`` with another PPU plan: the model, ownership plan, DDP, optimizer and scheduler that the
+    replica training slice ``slice_index`` of N = ``ppu.num_slices`` would build (same settings,
+    config, layout, data and seed; the synchroniser is ``run``'s). For single-process comparisons of
+    the per-rank compute of PPU plans (``benchmarks/bench_methods.py``); a multi-rank run builds
+    each slice on its own replica with :func:`build_run`."""
+    a = dataclasses.replace(run.args, ppu=ppu)
+    dtype = torch.bfloat16 if a.precision.bf16 else torch.float16 if a.precision.fp16 else torch.float32
+    _set_seeds(a.training.seed)
+    model = _build_model(a, run.config, ppu, run.layout, run.data.vocab_size, slice_index=slice_index)
+    plan = build_ownership_plan(model, ppu.num_slices, ppu.num_slices, slice_index)  # as in N replicas
+    ddp = _build_ddp(a, run.config, model, run.layout, dtype)
+    optimizer = _build_optimizer(a, ddp, run.layout, dtype, plan)
+    scheduler = _build_scheduler(a, optimizer, run.batches)
+    return dataclasses.replace(run, args=a, ppu=ppu, model=model, plan=plan, ddp=ddp, optimizer=optimizer,
+                               scheduler=scheduler)
 
 
 def ffn_hidden_size(a: TrainArgs) -> int:
@@ -259,10 +278,11 @@ def _set_seeds(seed: int) -> None:
 
 
 def _build_model(a: TrainArgs, config: TransformerConfig, ppu: PPUConfig, layout: ReplicaLayout,
-                 vocab_size: int) -> GPTModel:
+                 vocab_size: int, slice_index: Optional[int] = None) -> GPTModel:
     m = a.model
     # the decoder block spec, so that the final norm also takes --sequence-parallel
-    spec = get_gpt_decoder_ppu_spec(config, ppu, layout.slice_index(ppu.num_slices),
+    spec = get_gpt_decoder_ppu_spec(config, ppu, layout.slice_index(ppu.num_slices) if slice_index is None
+                                    else slice_index,
                                     normalization=m.normalization, qk_layernorm=m.qk_layernorm,
                                     attention_backend=m.attention_backend)
     model = GPTModel(
@@ -328,7 +348,7 @@ def _build_scheduler(a: TrainArgs, optimizer, sched: BatchSchedule):
 
 def _build_synchroniser(a: TrainArgs, subnet: SubnetConfig, model: GPTModel, plan: OwnershipPlan,
                         layout: ReplicaLayout, optimizer, blocks: Optional[BlockPlan],
-                        config: TransformerConfig) -> Synchroniser:
+                        config: TransformerConfig, ddp: torch.nn.Module) -> Synchroniser:
     if subnet.sync == "step":
         # SDP: every step, gradients averaged over each parameter's holders (sub-group
         # all-reduces), then the holders' new values copied to the non-holders (at once with
@@ -339,4 +359,6 @@ def _build_synchroniser(a: TrainArgs, subnet: SubnetConfig, model: GPTModel, pla
         outer: DiLoCoConfig = dataclasses.replace(a.diloco, num_replicas=layout.num_replicas)  # K resolved
         return DiLoCoSync(model, plan, layout.replica_group, outer, optimizer, inner_group=layout.inner_dp_group,
                           timeout=layout.timeout)
-    return DDPSync(grad_sync=config.finalize_model_grads_func)
+    # the gradient all-reduce over inner-DP (= every DP rank: one replica), counted for stats()
+    return DDPSync(grad_sync=config.finalize_model_grads_func, grad_bytes=grad_buffer_bytes(ddp),
+                   group_size=layout.inner_dp)

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -278,9 +278,17 @@ class Trainer:
         return bool(over.item())
 
     # -- main loop -------------------------------------------------------------------------
-    def train(self) -> Dict[str, float]:
+    def train(self, on_iteration: Optional[Callable[["Trainer", Dict[str, object]], None]] = None,
+              on_evaluation: Optional[Callable[["Trainer", Dict[str, float]], None]] = None) -> Dict[str, float]:
         """Train to ``--train-iters`` (or an exit), evaluating, logging and saving on the way;
-        returns the last evaluation (also ``self.final_eval``)."""
+        returns the last evaluation (also ``self.final_eval``).
+
+        Callbacks (for the benchmarks; every rank calls them, the loop ignores what they return):
+        ``on_iteration(trainer, stats)`` after every iteration, with :meth:`train_step`'s stats (after
+        the last iteration they include the final sync of :meth:`Synchroniser.finish`), before that
+        iteration's log line, evaluation and checkpoint; ``on_evaluation(trainer, result)`` after every
+        evaluation with :meth:`evaluate`'s result (``trainer.iteration``: the iteration it follows).
+        Without them the loop is unchanged."""
         a, c = self.args, self.args.checkpoint
         self.log_startup()
         self.log(self.describe())
@@ -304,6 +312,8 @@ class Trainer:
             window.append(stats)
             if stats["loss"] is not None:
                 self.losses.append(stats["loss"])
+            if on_iteration is not None:
+                on_iteration(self, stats)
             metrics.progress(self, it)
             if it % c.log_interval == 0 or last:
                 losses = [w["loss"] for w in window]
@@ -315,6 +325,8 @@ class Trainer:
                 self.final_eval = self.evaluate()
                 clock.lap("evaluate")
                 metrics.log_evaluation(self, it, self.final_eval, clock.times["evaluate"])
+                if on_evaluation is not None:
+                    on_evaluation(self, self.final_eval)
             if c.save and ((c.save_interval and it % c.save_interval == 0) or last or exiting):
                 clock = metrics.Clock()
                 self.save()

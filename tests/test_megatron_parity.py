@@ -1,11 +1,10 @@
-"""Review fixes (issue 17 items 4, 5, (a); issue 13 item 3), each against an independent reference.
+"""Megatron-LM parity of seeding, learning-rate schedule and sequence-parallel norms, each
+against an independent reference.
 
 * pipeline stages are seeded as Megatron-LM does (``seed + 100 x pipeline rank``, also for the
   model-parallel RNG tracker that attention dropout forks);
 * ``--lr-decay-style WSD`` with Megatron's ``--lr-wsd-decay-iters``/``--lr-wsd-decay-style``
   follows the hand-derived warm-up / stable / decay schedule;
-* per-step SDP with the distributed optimizer clips every rank by the same norm, the plain-torch
-  norm of the synchronised gradient;
 * ``--sequence-parallel`` builds and trains with the library's torch norms without any CPU patch
   of Megatron's ``WrappedTorchNorm``, and the norm weights stay identical across TP ranks.
 """
@@ -14,25 +13,13 @@ import math
 import pytest
 import torch
 
+from tests.conftest import TINY, _make_trainer as _trainer
 from tests.harness import run_ranks
 
-SEED = 1234
-TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "64",
-        "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2", "--lr", "1e-3",
-        "--eval-iters", "1", "--eval-interval", "100", "--log-interval", "100",
-        "--hidden-dropout", "0", "--attention-dropout", "0", "--seed", str(SEED)]
+SEED = 1234  # TINY's --seed
 
 
-def _trainer(argv):
-    from megatron_ppu.training.arguments import parse_args
-    from megatron_ppu.training.loop import Trainer, init_distributed
-
-    args = parse_args(argv)
-    init_distributed()
-    return Trainer.from_args(args)
-
-
-# --------------------------------------------------------------------------- 17.4 seeds per stage
+# --------------------------------------------------------------------------- seeds per pipeline stage
 def _stage_seed_worker(rank, world_size, argv):
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -67,7 +54,7 @@ def test_pipeline_stages_are_seeded_like_megatron(tmp_path):
 
     argv = TINY + ["--pipeline-model-parallel-size", "2", "--diloco-local-steps", "0", "--train-iters", "1",
                    "--data-cache-path", str(tmp_path / "cache")]
-    res = sorted(run_ranks(2, "tests.test_review_fixes:_stage_seed_worker", {"argv": argv}, timeout=500),
+    res = sorted(run_ranks(2, "tests.test_megatron_parity:_stage_seed_worker", {"argv": argv}, timeout=500),
                  key=lambda r: r["pp_rank"])
     s0, s1 = res[0], res[1]
     assert (s0["pp_rank"], s1["pp_rank"]) == (0, 1)
@@ -94,7 +81,7 @@ def test_pipeline_stages_are_seeded_like_megatron(tmp_path):
         assert torch.equal(r["tracker"]["data-parallel-rng"], torch.get_rng_state())
 
 
-# --------------------------------------------------------------------------- 17.5 WSD
+# --------------------------------------------------------------------------- WSD learning-rate schedule
 def _lr_worker(rank, world_size, runs, steps):
     out = []
     for argv in runs:
@@ -127,7 +114,7 @@ def test_wsd_schedule_matches_hand_derived(tmp_path):
     base = TINY + ["--diloco-local-steps", "0", "--train-iters", str(iters), "--lr-warmup-iters", str(warmup),
                    "--min-lr", "1e-4", "--lr-decay-style", "WSD", "--lr-wsd-decay-iters", str(wsd),
                    "--data-cache-path", str(tmp_path / "cache")]
-    linear, default = run_ranks(1, "tests.test_review_fixes:_lr_worker", {
+    linear, default = run_ranks(1, "tests.test_megatron_parity:_lr_worker", {
         "runs": [base + ["--lr-wsd-decay-style", "linear"], base], "steps": iters}, timeout=500)[0]
     for got, style in ((linear, "linear"), (default, "exponential")):  # Megatron's default: exponential
         want = [_wsd(i, lr=1e-3, min_lr=1e-4, warmup=warmup, decay=iters, wsd=wsd, style=style)
@@ -159,50 +146,7 @@ def test_wsd_flags_are_validated():
     assert (a.training.lr_wsd_decay_iters, a.training.lr_wsd_decay_style) == (4, "exponential")
 
 
-# --------------------------------------------------------------------------- 17(a) SDP + distributed optimizer
-def _sdp_norm_worker(rank, world_size, argv):
-    import torch
-    import torch.distributed as dist
-
-    t = _trainer(argv)
-    # This rank's micro-batches of the first step (the stream is rewound afterwards).
-    consumed = t.batches.consumed_samples
-    batches = t.batches.next_step(t.num_microbatches)
-    t.batches.consumed_samples = consumed
-    # Plain torch: this rank's gradient of the mean micro-batch loss, by autograd.grad.
-    names = [n for n, p in t.model.named_parameters() if p.requires_grad]
-    params = [p for _, p in t.model.named_parameters() if p.requires_grad]
-    local = [torch.zeros_like(p, dtype=torch.float64) for p in params]
-    for b in batches:
-        out = t.model(b["tokens"], b["position_ids"], None, labels=b["labels"])
-        mask = b["loss_mask"].float()
-        loss = (out.float() * mask).sum() / mask.sum().clamp(min=1)
-        for acc, g in zip(local, torch.autograd.grad(loss, params, allow_unused=True)):
-            if g is not None:
-                acc.add_(g.double() / len(batches))
-    flat = torch.cat([g.flatten() for g in local])
-    dist.all_reduce(flat)  # every parameter is held by every replica: the SDP gradient is the world mean
-    flat /= world_size
-    ref = float(flat.norm())
-    stats = t.train_step()
-    return {"grad_norm": stats["grad_norm"], "ref": ref, "names": names,
-            "replica": t.layout.replica_index, "inner_rank": t.layout.inner_dp_rank}
-
-
-@pytest.mark.timeout(900)
-def test_sdp_with_distributed_optimizer_clips_by_one_global_norm(tmp_path):
-    argv = TINY + ["--diloco-replicas", "2", "--subnet-sync", "step", "--use-distributed-optimizer",
-                   "--global-batch-size", "16", "--train-iters", "1", "--clip-grad", "0.01",
-                   "--data-cache-path", str(tmp_path / "cache")]
-    res = run_ranks(4, "tests.test_review_fixes:_sdp_norm_worker", {"argv": argv}, timeout=800)
-    assert sorted((r["replica"], r["inner_rank"]) for r in res) == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert len({r["ref"] for r in res}) == 1
-    norms = [r["grad_norm"] for r in res]
-    assert len(set(norms)) == 1, norms  # every rank clips by the same factor
-    assert norms[0] == pytest.approx(res[0]["ref"], rel=1e-5)
-
-
-# --------------------------------------------------------------------------- 13.3 sequence parallel norms
+# --------------------------------------------------------------------------- sequence-parallel norms
 def _sp_worker(rank, world_size, runs):
     import torch
     from megatron.core.transformer import torch_norm
@@ -233,7 +177,7 @@ def test_sequence_parallel_norms_without_cpu_patch(tmp_path):
     base = TINY + ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--diloco-local-steps", "0",
                    "--train-iters", "2", "--data-cache-path", str(tmp_path / "cache")]
     runs = [base + ["--normalization", "LayerNorm"], base + ["--normalization", "RMSNorm"]]
-    r0, r1 = run_ranks(2, "tests.test_review_fixes:_sp_worker", {"runs": runs}, timeout=800)
+    r0, r1 = run_ranks(2, "tests.test_megatron_parity:_sp_worker", {"runs": runs}, timeout=800)
     for norm, a, b in zip(("LayerNorm", "RMSNorm"), r0, r1):
         names = set(a["info"])
         assert {"decoder.final_layernorm", "decoder.layers.0.input_layernorm",
