@@ -21,7 +21,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..comm import enable_lazy_gloo, group_timeout, process_group_backend, shutdown_process_groups
-from ..patches import apply_cpu_patches
+from ..patches import apply_cpu_patches, compat
 from . import checkpointing as C
 from . import data as D
 from . import metrics
@@ -87,10 +87,11 @@ class _Checkpoints:
         return {"rank": own, "replica": replica}
 
     def _load_optimizer(self, own: dict, replica: dict) -> None:
+        # compat: megatron-core 0.19 also matches param groups by max_lr/min_lr/... (see there)
         if "optimizer_shards" not in own:
-            self.optimizer.load_state_dict(replica["optimizer"])
+            compat.load_optimizer_state_dict(self.optimizer, replica["optimizer"])
             return
-        self.optimizer.load_state_dict(own["optimizer"])  # allocates the shards' state (dummy values)
+        compat.load_optimizer_state_dict(self.optimizer, own["optimizer"])  # allocates the shards' state (dummy values)
         opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         for o, shard in zip(opts, own["optimizer_shards"]):
             if shard is None:
