@@ -150,7 +150,9 @@ def common_state_format(path: str) -> Optional[str]:
         md = FileSystemReader(path).read_metadata()
     except Exception:  # a corrupt .metadata: the caller's own reading reports it
         return None
-    return "distcp" if _COMMON_STATE_KEY in (md.state_dict_metadata or {}) else None
+    # the sharded object's key in .metadata is its unique key, "common_state/shard_0_1"
+    keys = md.state_dict_metadata or {}
+    return "distcp" if any(k == _COMMON_STATE_KEY or k.startswith(_COMMON_STATE_KEY + "/") for k in keys) else None
 
 
 def checkpoint_unreadable_reason(path: str) -> Optional[str]:
@@ -160,8 +162,8 @@ def checkpoint_unreadable_reason(path: str) -> Optional[str]:
     if common_state_format(path) == "distcp" and not at_least("0.19"):
         return (f"{path} was written by megatron-core 0.19 or later (its shared state is in the .distcp "
                 f"files; it has no {COMMON_PT}), which megatron-core {megatron_core_version()} cannot read. "
-                f"Load it with megatron-core 0.19 (Python >= 3.12: PYTHON=python3.12 bash scripts/setup_env.sh), "
-                f"or save it there with megatron-core 0.16.1 (Python 3.11).")
+                f"Load it with megatron-core 0.19 (Python >= 3.12: PYTHON=python3.12 bash scripts/setup_env.sh); "
+                f"a megatron_ppu checkpoint also resumes here without --finetune (its ppu/ part).")
     return None
 
 
