@@ -239,7 +239,10 @@ def load_optimizer_state_dict(optimizer, state_dict) -> None:
                 continue  # 0.19's own matching finds it
             for g in match:
                 for k in new_keys:
-                    g[k] = c.get(k, c.get(f"pre_{k}"))
+                    if k in c:
+                        g[k] = c[k]
+                    else:  # 0.19 matches a missing key as None; a None value would reach the scheduler
+                        g.pop(k, None)
         restore.append((opt, saved_bounds))
     optimizer.load_state_dict(state_dict)
     for opt, saved_bounds in restore:
