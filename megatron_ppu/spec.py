@@ -48,6 +48,21 @@ def _with_torch_norms(spec: ModuleSpec) -> ModuleSpec:
     return dataclasses.replace(spec, submodules=dataclasses.replace(sub, **changes))
 
 
+class _BoundLinear:
+    """A class-like callable binding slice arguments, for spec fields that Megatron
+    calls directly instead of through ``build_module`` (``linear_qkv``)."""
+
+    def __init__(self, cls, **params):
+        self.cls = cls
+        self.params = params
+
+    def __call__(self, *args, **kwargs):
+        return self.cls(*args, **self.params, **kwargs)
+
+    def __repr__(self):
+        return f"{self.cls.__name__}({self.params})"
+
+
 def get_gpt_layer_ppu_spec(
     ppu: PPUConfig,
     slice_index: int,
@@ -90,13 +105,13 @@ def get_gpt_layer_ppu_spec(
     params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}
     mlp_params = dict(params, forward_mask=ppu.mlp_forward_masking)
     mlp = compat.mlp_submodules(spec.submodules)  # a builder, not a ModuleSpec, from megatron-core 0.18
-    mlp.linear_fc1 = compat.bound_linear(PPUMLPColumnParallelLinear, **mlp_params)
-    mlp.linear_fc2 = compat.bound_linear(PPUMLPRowParallelLinear, **mlp_params)
+    mlp.linear_fc1 = ModuleSpec(module=PPUMLPColumnParallelLinear, params=dict(mlp_params))
+    mlp.linear_fc2 = ModuleSpec(module=PPUMLPRowParallelLinear, params=dict(mlp_params))
     attn = spec.submodules.self_attention.submodules
     if ppu.slice_attention_heads:
-        attn.linear_qkv = compat.BoundLinear(PPUQKVColumnParallelLinear, **params)  # called directly in every version
+        attn.linear_qkv = _BoundLinear(PPUQKVColumnParallelLinear, **params)
     if ppu.slice_attention_output:
-        attn.linear_proj = compat.bound_linear(PPUAttentionOutputRowParallelLinear, **params)
+        attn.linear_proj = ModuleSpec(module=PPUAttentionOutputRowParallelLinear, params=dict(params))
     return spec
 
 

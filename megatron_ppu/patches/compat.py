@@ -15,9 +15,9 @@ Gates (megatron-core version that changed it, function here, who asks):
   convention of the installed version; :func:`null_tokenizer_convention` says which, for docs
   and messages).
 * 0.18: a GPT layer spec's ``mlp`` is a builder (``partial(MLP.as_mlp_submodule, submodules=...)``,
-  was a ``ModuleSpec``) and ``MLP``/``SelfAttention`` call ``linear_fc1``/``linear_fc2``/
-  ``linear_proj`` directly (was ``build_module(spec)``): :func:`mlp_submodules`,
-  :func:`bound_linear` (``megatron_ppu.spec``).
+  was a ``ModuleSpec``): :func:`mlp_submodules` (``megatron_ppu.spec``). ``MLP``/``SelfAttention``
+  now call ``linear_fc1``/``linear_fc2``/``linear_proj`` directly (was ``build_module(spec)``);
+  that needs no gate, as a ``ModuleSpec`` is callable there (``ModuleSpec.__call__`` builds it).
 * 0.19: ``ProcessGroupCollection`` has ``dp_cp_gtp_remat`` / ``expt_dp_gtp_remat``, which
   ``finalize_model_grads`` reduces over: :func:`replica_data_parallel_fields`
   (``megatron_ppu.parallel``).
@@ -90,34 +90,6 @@ def mlp_submodules(layer_submodules):
         assert at_least("0.18"), "a partial mlp builder before megatron-core 0.18"
         return mlp.keywords["submodules"]
     return mlp.submodules
-
-
-class BoundLinear:
-    """A linear class with some constructor arguments bound, for a spec field that megatron-core
-    calls directly (``linear_qkv`` in every version; ``linear_fc1``/``linear_fc2``/``linear_proj``
-    from 0.18 on). It also has ``module``/``params`` like a ``ModuleSpec``, for the fields that
-    megatron-core before 0.18 builds with ``build_module``."""
-
-    def __init__(self, cls, **params):
-        self.module = cls
-        self.params = params
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **self.params, **kwargs)
-
-    def __repr__(self):
-        return f"{self.module.__name__}({self.params})"
-
-
-def bound_linear(cls, **params):
-    """The spec entry for ``linear_fc1``/``linear_fc2``/``linear_proj`` of class ``cls`` with
-    ``params``: a ``ModuleSpec`` for megatron-core before 0.18 (``build_module``), a
-    :class:`BoundLinear` from 0.18 on (called directly)."""
-    if at_least("0.18"):
-        return BoundLinear(cls, **params)
-    from megatron.core.transformer.spec_utils import ModuleSpec
-
-    return ModuleSpec(module=cls, params=dict(params))
 
 
 # -- process groups --------------------------------------------------------------------------------
