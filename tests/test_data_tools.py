@@ -1,5 +1,6 @@
 """Tests of the Megatron-format data tools (tokenizer training, preprocessing, default corpus)."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from packaging.version import Version
 
 from megatron_ppu.data import inputs as data_inputs
 from megatron_ppu.data.default_corpus import (
@@ -33,6 +35,9 @@ from megatron_ppu.data.tokenizer_training import (
     train_tokenizer,
 )
 from megatron_ppu.data.tokenizers import build_tokenizer
+
+#: megatron-core 0.18 changed NullTokenizer(N): N ids with end-of-document N-1 (was N+1 ids, eod N)
+NULL_N_IDS = Version(importlib.metadata.version("megatron-core")) >= Version("0.18")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,13 +231,15 @@ def test_missing_punkt_package_is_a_clear_error(corpus, tokenizer_model, tmp_pat
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "vocab_size, expected",
-    [(1000, numpy.uint16), (65498, numpy.uint16), (65499, numpy.int32), (70000, numpy.int32)],
+    [(1000, numpy.uint16), (65498, numpy.uint16), (65499, numpy.uint16 if NULL_N_IDS else numpy.int32),
+     (65500, numpy.int32), (70000, numpy.int32)],
 )
 def test_bin_dtype_follows_vocab_size(vocab_size, expected, tmp_path):
     from megatron.core.datasets.indexed_dataset import DType
 
-    # NullTokenizer(N) has N + 1 ids; megatron-core picks uint16 below 65,500 ids.
-    assert DType.optimal_dtype(vocab_size + 1) == expected
+    # NullTokenizer(N) has N + 1 ids (N from megatron-core 0.18); megatron-core picks uint16 below 65,500 ids.
+    n_ids, eod = (vocab_size, vocab_size - 1) if NULL_N_IDS else (vocab_size + 1, vocab_size)
+    assert DType.optimal_dtype(n_ids) == expected
     top = vocab_size - 1
     docs = [f"1 2 3 {top}", f"{top} 0\n7   8"]
     path = _write_jsonl(tmp_path / "ids.jsonl", [{"text": d} for d in docs])
@@ -242,8 +249,8 @@ def test_bin_dtype_follows_vocab_size(vocab_size, expected, tmp_path):
     dataset = _indexed(report.outputs["text"])
     assert dataset.index.dtype == expected
     assert report.dtype == numpy.dtype(expected).name
-    assert dataset[0].tolist() == [1, 2, 3, top, vocab_size]
-    assert dataset[1].tolist() == [top, 0, 7, 8, vocab_size]
+    assert dataset[0].tolist() == [1, 2, 3, top, eod]
+    assert dataset[1].tolist() == [top, 0, 7, 8, eod]
     assert dataset[0].dtype == expected
 
 
@@ -420,7 +427,7 @@ def test_megatron_tokenizer_conventions(tokenizer_model):
     # Megatron-LM's legacy detokenize puts spaces around special tokens.
     assert legacy.detokenize(ids) == "peace <EOD> war"
     null = build_tokenizer("NullTokenizer", vocab_size=10)
-    assert (null.vocab_size, null.eod, null.pad) == (11, 10, -1)
+    assert (null.vocab_size, null.eod, null.pad) == ((10, 9, -1) if NULL_N_IDS else (11, 10, -1))
     assert null.detokenize(null.tokenize("1  2\n3")) == "1 2 3"
 
 
