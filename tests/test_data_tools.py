@@ -317,7 +317,7 @@ def test_missing_keys_empty_documents_and_blank_lines_are_counted(tmp_path):
     assert report.empty_documents == {"text": 2, "title": 1}
     assert report.documents_written == {"text": 2, "title": 2}
     titles = _indexed(report.outputs["title"])  # keep a reference: arrays view its mmap
-    assert titles[1].tolist() == [6, 100]
+    assert titles[1].tolist() == [6, 99 if NULL_N_IDS else 100]  # NullTokenizer(100)'s end-of-document id
     assert "2 missing key, 2 empty" in report.summary()
 
 
@@ -547,7 +547,8 @@ def test_preprocess_cli_subprocess(tmp_path):
     assert "2 documents" in done.stdout
     assert "Processed 1 documents" in done.stderr and "docs/s" in done.stderr
     dataset = _indexed(str(tmp_path / "cli_text_document"))
-    assert [dataset[i].tolist() for i in range(2)] == [[1, 2, 3, 10], [4, 5, 10]]
+    eod = 9 if NULL_N_IDS else 10  # NullTokenizer(10)'s end-of-document id
+    assert [dataset[i].tolist() for i in range(2)] == [[1, 2, 3, eod], [4, 5, eod]]
     failed = subprocess.run(command[:3] + [str(tmp_path / "nope.jsonl")] + command[4:],
                             cwd=tmp_path, capture_output=True, text=True, env=env, timeout=110)
     assert failed.returncode == 1
