@@ -684,7 +684,8 @@ def _save_nonce(path: str) -> Optional[str]:
 def is_complete(path: str) -> bool:
     """Whether ``path`` is a complete checkpoint: megatron_ppu's (``ppu/run.json``, written last)
     or Megatron-LM's torch_dist one (``metadata.json``, which dist_checkpointing writes after
-    every shard, and ``common.pt``)."""
+    every shard, and ``common.pt``, or with megatron-core 0.19 the shared state in the ``.distcp``
+    files: :func:`megatron_ppu.patches.compat.common_state_format`)."""
     return os.path.isfile(os.path.join(path, "ppu", "run.json")) or (
         os.path.isfile(os.path.join(path, "metadata.json")) and compat.common_state_format(path) is not None)
 
@@ -799,7 +800,9 @@ def check_compatible(saved: dict, current: dict) -> None:
 
 def check_model_part(path: str) -> None:
     """Raise ``CheckpointError`` unless this rank sees every file of the checkpoint's model
-    part (``dist_checkpointing``'s metadata, ``common.pt`` and every ``*.distcp`` it names)."""
+    part (``dist_checkpointing``'s metadata, ``common.pt`` (none with megatron-core 0.19) and every
+    ``*.distcp`` it names); a checkpoint the installed megatron-core cannot read is refused with
+    the reason (:func:`megatron_ppu.patches.compat.checkpoint_unreadable_reason`)."""
     reason = compat.checkpoint_unreadable_reason(path)  # a megatron-core 0.19 checkpoint given to 0.16.1
     if reason:
         raise CheckpointError(reason)
