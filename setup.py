@@ -1,7 +1,13 @@
 """megatron_ppu: Partial Parameter Updates (PPU) and DiLoCo on Megatron-Core."""
 from setuptools import find_namespace_packages, setup
 
-MEGATRON_CORE_VERSION = "0.16.1"
+#: megatron-core by Python version (PEP 508 environment markers): 0.17 and later need
+#: Python >= 3.12, so Python 3.11 gets 0.16.1 and Python >= 3.12 the newest 0.19.x. The versions
+#: in between are gated in megatron_ppu/patches/compat.py (each change named there).
+MEGATRON_CORE_REQUIREMENTS = [
+    'megatron-core==0.16.1; python_version < "3.12"',
+    'megatron-core>=0.19,<0.20; python_version >= "3.12"',
+]
 
 setup(
     name="megatron_ppu",
@@ -15,7 +21,7 @@ setup(
         # build first where no CUDA torch is present (an unpinned resolve would pull
         # several GB of CUDA wheels).
         "torch>=2.6",
-        f"megatron-core=={MEGATRON_CORE_VERSION}",
+        *MEGATRON_CORE_REQUIREMENTS,
         "numpy",
         "einops",
         "packaging",

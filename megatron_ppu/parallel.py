@@ -42,6 +42,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from .comm import DEFAULT_TIMEOUT_MINUTES, group_timeout
+from .patches import compat
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +170,7 @@ class ReplicaLayout:
         from megatron.core.process_groups_config import ProcessGroupCollection
 
         pgc = ProcessGroupCollection.use_mpu_process_groups()
-        for name in ("dp", "dp_cp", "intra_dp_cp", "expt_dp", "intra_expt_dp"):
+        for name in compat.replica_data_parallel_fields():  # + the *_gtp_remat groups of megatron-core 0.19
             setattr(pgc, name, self.inner_dp_group)
         pgc.intra_dist_opt = self.replica_world_group
         pgc.tp_dp_cp = None

@@ -28,6 +28,7 @@ from .layers import (
     PPUQKVColumnParallelLinear,
 )
 from .norms import TorchNorm
+from .patches import compat
 from .subnet import MaskableTransformerLayer
 
 
@@ -110,7 +111,7 @@ def get_gpt_layer_ppu_spec(
         return spec
     params = {"num_slices": n, "slice_index": slice_index, "frozen_input_jacobian": ppu.frozen_input_jacobian}
     mlp_params = dict(params, forward_mask=ppu.mlp_forward_masking)
-    mlp = spec.submodules.mlp.submodules
+    mlp = compat.mlp_submodules(spec.submodules)  # a builder, not a ModuleSpec, from megatron-core 0.18
     mlp.linear_fc1 = ModuleSpec(module=PPUMLPColumnParallelLinear, params=dict(mlp_params))
     mlp.linear_fc2 = ModuleSpec(module=PPUMLPRowParallelLinear, params=dict(mlp_params))
     attn = spec.submodules.self_attention.submodules

@@ -6,5 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+source scripts/venv.sh  # PYTHON=python3.12: .venv-py3.12 (megatron-core 0.19.x)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
-exec .venv/bin/torchrun --nproc_per_node=2 pretrain_gpt_ppu.py --ppu-slices 2 "$@"
+exec "$VENV/bin/torchrun" --nproc_per_node=2 pretrain_gpt_ppu.py --ppu-slices 2 "$@"

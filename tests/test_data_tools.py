@@ -1,5 +1,6 @@
 """Tests of the Megatron-format data tools (tokenizer training, preprocessing, default corpus)."""
 
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy
 import pytest
+from packaging.version import Version
 
 from megatron_ppu.data import inputs as data_inputs
 from megatron_ppu.data.default_corpus import (
@@ -33,6 +35,9 @@ from megatron_ppu.data.tokenizer_training import (
     train_tokenizer,
 )
 from megatron_ppu.data.tokenizers import build_tokenizer
+
+#: megatron-core 0.18 changed NullTokenizer(N): N ids with end-of-document N-1 (was N+1 ids, eod N)
+NULL_N_IDS = Version(importlib.metadata.version("megatron-core")) >= Version("0.18")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -226,13 +231,15 @@ def test_missing_punkt_package_is_a_clear_error(corpus, tokenizer_model, tmp_pat
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "vocab_size, expected",
-    [(1000, numpy.uint16), (65498, numpy.uint16), (65499, numpy.int32), (70000, numpy.int32)],
+    [(1000, numpy.uint16), (65498, numpy.uint16), (65499, numpy.uint16 if NULL_N_IDS else numpy.int32),
+     (65500, numpy.int32), (70000, numpy.int32)],
 )
 def test_bin_dtype_follows_vocab_size(vocab_size, expected, tmp_path):
     from megatron.core.datasets.indexed_dataset import DType
 
-    # NullTokenizer(N) has N + 1 ids; megatron-core picks uint16 below 65,500 ids.
-    assert DType.optimal_dtype(vocab_size + 1) == expected
+    # NullTokenizer(N) has N + 1 ids (N from megatron-core 0.18); megatron-core picks uint16 below 65,500 ids.
+    n_ids, eod = (vocab_size, vocab_size - 1) if NULL_N_IDS else (vocab_size + 1, vocab_size)
+    assert DType.optimal_dtype(n_ids) == expected
     top = vocab_size - 1
     docs = [f"1 2 3 {top}", f"{top} 0\n7   8"]
     path = _write_jsonl(tmp_path / "ids.jsonl", [{"text": d} for d in docs])
@@ -242,8 +249,8 @@ def test_bin_dtype_follows_vocab_size(vocab_size, expected, tmp_path):
     dataset = _indexed(report.outputs["text"])
     assert dataset.index.dtype == expected
     assert report.dtype == numpy.dtype(expected).name
-    assert dataset[0].tolist() == [1, 2, 3, top, vocab_size]
-    assert dataset[1].tolist() == [top, 0, 7, 8, vocab_size]
+    assert dataset[0].tolist() == [1, 2, 3, top, eod]
+    assert dataset[1].tolist() == [top, 0, 7, 8, eod]
     assert dataset[0].dtype == expected
 
 
@@ -310,7 +317,7 @@ def test_missing_keys_empty_documents_and_blank_lines_are_counted(tmp_path):
     assert report.empty_documents == {"text": 2, "title": 1}
     assert report.documents_written == {"text": 2, "title": 2}
     titles = _indexed(report.outputs["title"])  # keep a reference: arrays view its mmap
-    assert titles[1].tolist() == [6, 100]
+    assert titles[1].tolist() == [6, 99 if NULL_N_IDS else 100]  # NullTokenizer(100)'s end-of-document id
     assert "2 missing key, 2 empty" in report.summary()
 
 
@@ -420,7 +427,7 @@ def test_megatron_tokenizer_conventions(tokenizer_model):
     # Megatron-LM's legacy detokenize puts spaces around special tokens.
     assert legacy.detokenize(ids) == "peace <EOD> war"
     null = build_tokenizer("NullTokenizer", vocab_size=10)
-    assert (null.vocab_size, null.eod, null.pad) == (11, 10, -1)
+    assert (null.vocab_size, null.eod, null.pad) == ((10, 9, -1) if NULL_N_IDS else (11, 10, -1))
     assert null.detokenize(null.tokenize("1  2\n3")) == "1 2 3"
 
 
@@ -540,7 +547,8 @@ def test_preprocess_cli_subprocess(tmp_path):
     assert "2 documents" in done.stdout
     assert "Processed 1 documents" in done.stderr and "docs/s" in done.stderr
     dataset = _indexed(str(tmp_path / "cli_text_document"))
-    assert [dataset[i].tolist() for i in range(2)] == [[1, 2, 3, 10], [4, 5, 10]]
+    eod = 9 if NULL_N_IDS else 10  # NullTokenizer(10)'s end-of-document id
+    assert [dataset[i].tolist() for i in range(2)] == [[1, 2, 3, eod], [4, 5, eod]]
     failed = subprocess.run(command[:3] + [str(tmp_path / "nope.jsonl")] + command[4:],
                             cwd=tmp_path, capture_output=True, text=True, env=env, timeout=110)
     assert failed.returncode == 1

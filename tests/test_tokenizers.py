@@ -251,12 +251,21 @@ def test_tiktoken_against_tiktoken(tok_files, tmp_path):
 
 @pytest.mark.timeout(60)
 def test_null_tokenizer():
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
     tok = build_tokenizer("NullTokenizer", vocab_size=10)
-    assert (tok.vocab_size, tok.eod, tok.pad) == (11, 10, -1)
-    assert tok.tokenize("1 2 10") == [1, 2, 10]
-    assert tok.detokenize([1, 2, 10]) == "1 2 10"
+    if Version(version("megatron-core")) >= Version("0.18"):  # NullTokenizer(N): N ids, eod N-1 (Megatron-LM's convention there)
+        assert (tok.vocab_size, tok.eod, tok.pad) == (10, 9, -1)
+        top = 9
+    else:  # N + 1 ids, eod N
+        assert (tok.vocab_size, tok.eod, tok.pad) == (11, 10, -1)
+        top = 10
+    assert tok.tokenize(f"1 2 {top}") == [1, 2, top]
+    assert tok.detokenize([1, 2, top]) == f"1 2 {top}"
     with pytest.raises(ValueError, match="outside"):
-        tok.tokenize("1 11")
+        tok.tokenize(f"1 {top + 1}")
 
 
 @pytest.mark.timeout(60)

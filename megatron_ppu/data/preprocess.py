@@ -597,8 +597,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                        help="SentencePiece .model file, tiktoken JSON vocabulary, or a local "
                             "HuggingFace tokenizer folder / tokenizer.json (never downloaded).")
     group.add_argument("--vocab-size", type=int, default=None,
-                       help="NullTokenizer: ids in the text are < N, N is the end-of-document "
-                            "id. TikTokenizer: vocabulary size (default 131072).")
+                       help="NullTokenizer: the text's ids are below N; the end-of-document id is N "
+                            "(megatron-core < 0.18) or N-1 (>= 0.18, Megatron-LM's convention of the "
+                            "installed version). TikTokenizer: vocabulary size (default 131072).")
     group.add_argument("--padded-vocab-size", type=int, default=None,
                        help="Accepted; does not change the output (as in Megatron-LM).")
     group.add_argument("--vocab-file", default=None,

@@ -26,7 +26,9 @@ unless ``--legacy-tokenizer`` is given; the arguments are those of megatron-core
   v1/v2, default v2): special tokens first (``<unk> <s> </s> <mask> <pad> <cls> <sep>`` then
   fillers up to ``--tiktoken-num-special-tokens``), ``eod`` = ``</s>``.
 * ``NullTokenizer`` (``--vocab-size N``): the text is whitespace-separated integer ids
-  (Megatron-LM accepts single spaces only); ``vocab_size`` is ``N + 1`` and ``eod`` is ``N``.
+  (Megatron-LM accepts single spaces only); ``vocab_size`` and ``eod`` are the installed
+  megatron-core's: ``N + 1`` and ``N`` before 0.18, ``N`` and ``N - 1`` from 0.18 on
+  (:func:`megatron_ppu.patches.compat.null_tokenizer_convention`).
 
 ``--legacy-tokenizer`` (Megatron-LM's legacy ids, which its trainer in 0.16.1 always uses):
 
@@ -64,6 +66,7 @@ import sentencepiece
 from megatron.core.tokenizers import MegatronTokenizer
 
 from megatron_ppu.data.inputs import TokenizerModelError, TokenizerModelNotFoundError
+from megatron_ppu.patches import compat
 
 __all__ = [
     "TOKENIZER_TYPES",
@@ -619,14 +622,14 @@ def _tiktoken(options: TokenizerOptions) -> MegatronCoreTokenizer:
 def _null(options: TokenizerOptions) -> MegatronCoreTokenizer:
     if options.vocab_size is None or int(options.vocab_size) < 1:
         raise TokenizerModelError(
-            "NullTokenizer needs --vocab-size N (N >= 1): the ids in the text are < N and N is "
-            "the end-of-document id."
+            "NullTokenizer needs --vocab-size N (N >= 1): the ids in the text are below N "
+            "(megatron-core's NullTokenizer convention: see docs/data.md)."
         )
     _refuse_unused(options, ())
     size = int(options.vocab_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        core = MegatronTokenizer.from_pretrained(metadata_path={"library": "null"},
+        core = MegatronTokenizer.from_pretrained(metadata_path={"library": compat.null_tokenizer_library()},
                                                  vocab_size=size)
 
     def encode(text: str) -> List[int]:
@@ -641,9 +644,9 @@ def _null(options: TokenizerOptions) -> MegatronCoreTokenizer:
             raise ValueError(
                 f"NullTokenizer expects whitespace-separated integer ids, got {text[:80]!r}"
             ) from None
-        for token_id in ids:
-            if not 0 <= token_id <= size:
-                raise ValueError(f"NullTokenizer id {token_id} is outside [0, {size}] "
+        for token_id in ids:  # the installed megatron-core's ids, end-of-document included
+            if not 0 <= token_id < core.vocab_size:
+                raise ValueError(f"NullTokenizer id {token_id} is outside [0, {core.vocab_size - 1}] "
                                  f"(--vocab-size {size}); raise --vocab-size.")
         return ids
 

@@ -1,4 +1,4 @@
-"""Runtime patches that let megatron-core 0.16.1 run on CPU with the gloo backend.
+"""Runtime patches that let megatron-core (0.16.1 to 0.19.x) run on CPU with the gloo backend.
 
 Each patch is small, names the call site it covers and why, and is applied only
 by :func:`apply_cpu_patches` (explicitly, by tests, the CPU demo and the training
@@ -31,6 +31,15 @@ Call sites (megatron/core, 0.16.1):
   keeps the named states of the CPU generator instead, so dropout and recompute
   stay reproducible.
 
+Call sites added in later megatron-core versions (rewritten only where the installed version
+has them, :func:`_patch_cuda_literals_of_later_versions`):
+
+* 0.17: ``_ParamAndGradBucketGroup.start_grad_sync`` (distributed/param_and_grad_buffer.py)
+  reads ``torch.cuda.current_stream()`` to wait for CUDA-graph weight-gradient events; no
+  parameter has such an event on CPU, so the stream is ``None`` there.
+* 0.19: ``MegatronOptimizer.has_grad_norm_group`` (optimizer/optimizer.py) all-reduces a flag
+  made with ``device='cuda'``.
+
 Not patched: ``WrappedTorchNorm`` refuses ``sequence_parallel`` on every device (CPU
 or CUDA). The project's specs use their own torch norms instead
 (:mod:`megatron_ppu.norms`, through :func:`megatron_ppu.spec.get_gpt_decoder_ppu_spec`),
@@ -43,24 +52,19 @@ import logging
 
 import torch
 
+from . import compat
 from ._rewrite import rewrite_function
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MEGATRON_CORE = "0.16.1"
+#: The megatron-core versions these patches were written for (each rewrite also fails loudly
+#: when the source it expects is not there).
+SUPPORTED_MEGATRON_CORE = ">=0.16.1,<0.20"
 _APPLIED = False
 
 
 def _check_version() -> None:
-    from importlib.metadata import version
-
-    found = version("megatron-core")
-    if found != SUPPORTED_MEGATRON_CORE:
-        raise RuntimeError(
-            f"megatron_ppu's CPU patches were written for megatron-core {SUPPORTED_MEGATRON_CORE}, "
-            f"found {found}. Install megatron-core=={SUPPORTED_MEGATRON_CORE} "
-            "(pip install -e . does it)."
-        )
+    compat.check_supported()
 
 
 def _patch_current_device() -> None:
@@ -109,6 +113,19 @@ def _patch_cuda_literals() -> None:
 
     rewrite_function(language_module.LanguageModule, "setup_embeddings_and_output_layer",
                      [("weight.data = weight.data.cuda()", "weight.data = weight.data")], expected=1)
+
+
+def _patch_cuda_literals_of_later_versions() -> None:
+    if compat.at_least("0.17"):
+        from megatron.core.distributed import param_and_grad_buffer
+
+        rewrite_function(param_and_grad_buffer._ParamAndGradBucketGroup, "start_grad_sync",
+                         [("current_stream = torch.cuda.current_stream()", "current_stream = None")], expected=1)
+    if compat.at_least("0.19"):
+        from megatron.core.optimizer import optimizer
+
+        rewrite_function(optimizer.MegatronOptimizer, "has_grad_norm_group", [("device='cuda'", "device='cpu'")],
+                         expected=1)
 
 
 def _make_cpu_tracker_class():
@@ -185,6 +202,7 @@ def apply_cpu_patches() -> None:
     _check_version()
     _patch_current_device()
     _patch_cuda_literals()
+    _patch_cuda_literals_of_later_versions()
     _patch_rng()
     _APPLIED = True
-    logger.info("megatron-core %s patched for CPU/gloo execution", SUPPORTED_MEGATRON_CORE)
+    logger.info("megatron-core %s patched for CPU/gloo execution", compat.megatron_core_version())

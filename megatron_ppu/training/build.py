@@ -46,6 +46,7 @@ from ..config import DiLoCoConfig, PPUConfig
 from ..optimizer import build_inner_optimizer, build_param_scheduler, finalize_grads_func, wrap_model_ddp
 from ..ownership import OwnershipPlan, build_ownership_plan
 from ..parallel import ReplicaLayout, build_replica_layout, initialize_model_parallel
+from ..patches import compat
 from ..spec import get_gpt_decoder_ppu_spec
 from ..subnet import SubnetConfig, apply_block_plan, block_assignment, block_holders_fn
 from ..sync import DDPSync, DiLoCoSync, SDPSync, Synchroniser
@@ -285,6 +286,7 @@ def _build_model(a: TrainArgs, config: TransformerConfig, ppu: PPUConfig, layout
                                     else slice_index,
                                     normalization=m.normalization, qk_layernorm=m.qk_layernorm,
                                     attention_backend=m.attention_backend)
+    compat.quiet_gpt_model_deprecation()  # megatron-core 0.19's "GPTModel IS DEPRECATED" (see there)
     model = GPTModel(
         config, spec, vocab_size=vocab_size, max_sequence_length=m.max_position_embeddings or m.seq_length,
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),

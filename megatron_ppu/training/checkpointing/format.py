@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
+from ...patches import compat
 from .verdicts import SHARED_FS_FIX, CheckpointError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -75,9 +76,10 @@ def atomic_write_text(path: str, text: str) -> None:
 def is_complete(path: str) -> bool:
     """Whether ``path`` is a complete checkpoint: megatron_ppu's (``ppu/run.json``, written last)
     or Megatron-LM's torch_dist one (``metadata.json``, which dist_checkpointing writes after
-    every shard, and ``common.pt``)."""
+    every shard, and ``common.pt``, or with megatron-core 0.19 the shared state in the ``.distcp``
+    files: :func:`megatron_ppu.patches.compat.common_state_format`)."""
     return os.path.isfile(os.path.join(path, "ppu", "run.json")) or (
-        os.path.isfile(os.path.join(path, "metadata.json")) and os.path.isfile(os.path.join(path, "common.pt")))
+        os.path.isfile(os.path.join(path, "metadata.json")) and compat.common_state_format(path) is not None)
 
 
 def is_ours(path: str) -> bool:
@@ -190,8 +192,15 @@ def check_compatible(saved: dict, current: dict) -> None:
 
 def check_model_part(path: str) -> None:
     """Raise ``CheckpointError`` unless this rank sees every file of the checkpoint's model
-    part (``dist_checkpointing``'s metadata, ``common.pt`` and every ``*.distcp`` it names)."""
-    missing = [n for n in ("metadata.json", "common.pt", ".metadata") if not os.path.isfile(os.path.join(path, n))]
+    part (``dist_checkpointing``'s metadata, ``common.pt`` (none with megatron-core 0.19) and every
+    ``*.distcp`` it names); a checkpoint the installed megatron-core cannot read is refused with
+    the reason (:func:`megatron_ppu.patches.compat.checkpoint_unreadable_reason`)."""
+    reason = compat.checkpoint_unreadable_reason(path)  # a megatron-core 0.19 checkpoint given to 0.16.1
+    if reason:
+        raise CheckpointError(reason)
+    missing = [n for n in ("metadata.json", ".metadata") if not os.path.isfile(os.path.join(path, n))]
+    if not missing and compat.common_state_format(path) is None:
+        missing = ["common.pt"]  # megatron-core 0.19 keeps it in the .distcp files instead
     if not missing:
         try:
             md = FileSystemReader(path).read_metadata()
@@ -316,7 +325,9 @@ def read_checkpoint_args(load_dir: str) -> Tuple[str, argparse.Namespace]:
                               f"flags from; pass the model flags instead, or point --load at a checkpoint.")
     f = os.path.join(path, "common.pt")
     try:
-        common = torch.load(f, map_location="cpu", weights_only=False)
+        common = compat.read_common_state(path)  # common.pt, or megatron-core 0.19's .distcp files
+    except ValueError as e:
+        raise CheckpointError(f"--use-checkpoint-args: {e}") from e
     except Exception as e:
         raise CheckpointError(f"--use-checkpoint-args: cannot read {f} ({type(e).__name__}: {e}).") from e
     ns = common.get("args") if isinstance(common, dict) else None

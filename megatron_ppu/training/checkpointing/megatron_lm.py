@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
+from ...patches import compat
 from .format import MEGATRON_CHECKPOINT_VERSION, RELEASE, check_model_part, megatron_lm_args, read_checkpoint_args
 from .state import Restored, RunShape, TrainingState
 from .verdicts import SHARED_FS_FIX, CheckpointError, agreed
@@ -209,7 +210,7 @@ def load_megatron_lm_checkpoint(state: TrainingState, run: RunShape, path: str, 
     state.model.load_state_dict(loaded["model"])
     what = ["weights"]
     if load_optim:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        compat.load_optimizer_state_dict(state.optimizer, loaded["optimizer"])
         for o in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
             for st in o.optimizer.state.values():  # one "step" tensor per parameter (see save_load.load_optimizer)
                 if isinstance(st.get("step"), torch.Tensor):

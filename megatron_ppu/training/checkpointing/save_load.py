@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ...patches import compat
 from .format import FORMAT_VERSION, MEGATRON_CHECKPOINT_VERSION, TRACKER, atomic_write_text, iter_dir_name
 from .megatron_lm import ignore_constant_wd_length
 from .sharding import shard_state
@@ -74,9 +75,10 @@ def load_optimizer(optimizer, own: dict, replica: dict) -> None:
     """Load the inner optimizer's state written by :func:`rank_contents` (the replica's copy, or
     with ``--use-distributed-optimizer`` this rank's shard) into ``optimizer``."""
     if "optimizer_shards" not in own:
-        optimizer.load_state_dict(replica["optimizer"])
+        compat.load_optimizer_state_dict(optimizer, replica["optimizer"])
         return
-    optimizer.load_state_dict(own["optimizer"])  # allocates the shards' state (dummy values)
+    # compat: megatron-core 0.19 also matches param groups by max_lr/min_lr/... (see there)
+    compat.load_optimizer_state_dict(optimizer, own["optimizer"])  # allocates the shards' state (dummy values)
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     for o, shard in zip(opts, own["optimizer_shards"]):
         if shard is None:
