@@ -373,6 +373,8 @@ class DiLoCoSync(Synchroniser):
                 restored.append(g.index)
         return restored, self.optimizer_view.reset_nonfinite_state()
 
+    # -- evaluation -----------------------------------------------------------------
+    @contextlib.contextmanager
     def global_weights(self) -> Iterator[None]:
         """Within the block the model holds the global model: every fragment's latest
         synchronised parameters θ(t) (its snapshot), the same on every replica, instead of
