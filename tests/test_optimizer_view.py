@@ -124,7 +124,9 @@ def _view_worker(rank, world_size, bf16, distributed):
     masters = view.masters()
     # reset: poison one Adam state entry, the view resets exactly that one
     ddp.zero_grad_buffer()
-    G.forward_backward(ddp, cfg, G.batch(seed=rank))
+    with torch.no_grad():  # a gradient by hand (DDP's buffers, what the optimizer reads)
+        for p in model.parameters():
+            p.main_grad.fill_(1e-3)
     opt.step()
     states = [st for o in parts for st in o.optimizer.state.values()]
     states[0]["exp_avg"].view(-1)[0] = float("nan")
