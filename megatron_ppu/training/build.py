@@ -49,7 +49,7 @@ from ..parallel import ReplicaLayout, build_replica_layout, initialize_model_par
 from ..patches import compat
 from ..spec import get_gpt_decoder_ppu_spec
 from ..subnet import SubnetConfig, apply_block_plan, block_assignment, block_holders_fn
-from ..sync import DDPSync, DiLoCoSync, SDPSync, Synchroniser
+from ..sync import DDPSync, DiLoCoSync, SDPSync, StaticReplicas, Synchroniser
 from ..sync.base import TimedCall
 from ..sync.ddp import grad_buffer_bytes
 from . import data as D
@@ -359,8 +359,10 @@ def _build_synchroniser(a: TrainArgs, subnet: SubnetConfig, model: GPTModel, pla
                        lazy=subnet.masking == "forward", optimizer=optimizer)
     if a.diloco.enabled:
         outer: DiLoCoConfig = dataclasses.replace(a.diloco, num_replicas=layout.num_replicas)  # K resolved
-        return DiLoCoSync(model, plan, layout.replica_group, outer, optimizer, inner_group=layout.inner_dp_group,
-                          timeout=layout.timeout)
+        # the other replicas: today's static sub-groups (a second transport plugs in here)
+        transport = StaticReplicas(layout.replica_group, timeout=layout.timeout)
+        return DiLoCoSync(model, plan, transport, outer, optimizer, inner_group=layout.inner_dp_group,
+                          timeout=layout.timeout, holders_fn=blocks.holders_fn if blocks is not None else None)
     # the gradient all-reduce over inner-DP (= every DP rank: one replica), counted for stats()
     return DDPSync(grad_sync=config.finalize_model_grads_func, grad_bytes=grad_buffer_bytes(ddp),
                    group_size=layout.inner_dp)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..comm import enable_lazy_gloo, group_timeout, process_group_backend, shutdown_process_groups
+from ..optimizer import InnerOptimizerView
 from ..patches import apply_cpu_patches
 from . import data as D
 from . import metrics
@@ -239,14 +240,17 @@ class Trainer:
 
     def _probe_loss(self) -> float:
         """The merge diagnostic's probe: the loss of the model's current weights on the probe
-        batches, mean over replicas (collective: every rank calls it)."""
+        batches, this replica's (mean over its last-stage ranks, on every rank of the replica;
+        collective inside the replica). The mean over replicas is the transport's."""
         was_training = self.ddp.training
         self.ddp.eval()
         with torch.no_grad():
             loss = self._run_schedule(self.probe_batches, forward_only=True)
         if was_training:
             self.ddp.train()
-        return self._dp_mean(loss)
+        t = torch.tensor([loss if loss is not None else 0.0, 1.0 if loss is not None else 0.0], dtype=torch.float64)
+        dist.all_reduce(t, group=self.layout.replica_world_group)
+        return float(t[0] / t[1])
 
     # -- logging -------------------------------------------------------------------------
     def log(self, msg: str) -> None:

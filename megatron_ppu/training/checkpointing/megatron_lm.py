@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
+from ...optimizer import InnerOptimizerView
 from ...patches import compat
 from .format import MEGATRON_CHECKPOINT_VERSION, RELEASE, check_model_part, megatron_lm_args, read_checkpoint_args
 from .state import Restored, RunShape, TrainingState
@@ -211,10 +212,7 @@ def load_megatron_lm_checkpoint(state: TrainingState, run: RunShape, path: str, 
     what = ["weights"]
     if load_optim:
         compat.load_optimizer_state_dict(state.optimizer, loaded["optimizer"])
-        for o in getattr(state.optimizer, "chained_optimizers", [state.optimizer]):
-            for st in o.optimizer.state.values():  # one "step" tensor per parameter (see save_load.load_optimizer)
-                if isinstance(st.get("step"), torch.Tensor):
-                    st["step"] = st["step"].clone()
+        InnerOptimizerView(state.optimizer).untie_step_tensors()  # one Adam "step" tensor per parameter
         sched = common.get("opt_param_scheduler", common.get("lr_scheduler"))
         if sched is not None:
             gbs = getattr(ckpt_args, "global_batch_size", None) or run.global_batch_size

@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from ...optimizer import InnerOptimizerView
 from ...patches import compat
 from .format import FORMAT_VERSION, MEGATRON_CHECKPOINT_VERSION, TRACKER, atomic_write_text, iter_dir_name
 from .megatron_lm import ignore_constant_wd_length
@@ -79,16 +80,11 @@ def load_optimizer(optimizer, own: dict, replica: dict) -> None:
         return
     # compat: megatron-core 0.19 also matches param groups by max_lr/min_lr/... (see there)
     compat.load_optimizer_state_dict(optimizer, own["optimizer"])  # allocates the shards' state (dummy values)
-    opts = getattr(optimizer, "chained_optimizers", [optimizer])
-    for o, shard in zip(opts, own["optimizer_shards"]):
+    view = InnerOptimizerView(optimizer)
+    view.untie_step_tensors()  # megatron-core's loader shares one Adam "step" tensor between parameters
+    for o, shard in zip(view.parts, own["optimizer_shards"]):
         if shard is None:
             continue
-        # megatron-core 0.16.1 (DistributedOptimizer.load_state_dict, no apex/TE) gives every
-        # parameter's torch-Adam state one shared "step" tensor, which torch then increments once
-        # per parameter per step (wrong bias correction after a resume): give each its own.
-        for st in o.optimizer.state.values():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].clone()
         for gbuf_idx, by_dtype in shard.items():
             if isinstance(gbuf_idx, int):
                 for buckets in by_dtype.values():
