@@ -1,13 +1,14 @@
 """Command-line arguments with Megatron-LM's flag names, generated from dataclasses.
 
-Each group of settings is one dataclass (Megatron-LM's groups are in :mod:`.arg_groups`); a
-field's ``metadata`` holds its help text (and optionally choices), and the flag is the field name
-with dashes. Booleans are ``store_true`` flags (``store_false`` for a field whose default is True, with Megatron-LM's
+Each group of settings is one dataclass; a field's ``metadata`` holds its help text
+(and optionally choices), and the flag is the field name with dashes. Booleans are
+``store_true`` flags (``store_false`` for a field whose default is True, with Megatron-LM's
 ``--no-...`` spelling in the field's ``flag`` metadata), as in Megatron-LM. megatron_ppu's
 own features are the dataclasses of :mod:`megatron_ppu.config` (``PPUConfig``,
 ``DiLoCoConfig``, ``SubnetConfig``), used as they are: their fields are the flags
 ``--ppu-*``, ``--diloco-*``, ``--subnet-*`` (:func:`megatron_ppu.config.cli_fields`) and their
 defaults are the only ones. Every flag's ``--help`` shows its default.
+Megatron-LM's groups (``ModelArgs`` ... ``CheckpointArgs``) are defined in :mod:`.arg_groups`.
 
 Every other flag of Megatron-LM's parser is recognised too (:mod:`.megatron_compat`): accepted
 when it cannot change what is trained (each logged once at start-up with the reason) or
