@@ -107,3 +107,16 @@ def test_megatron_ppu_has_no_import_cycle():
     assert len(graph) > 30 and "megatron_ppu.training.arguments" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/conftest.py or megatron_ppu/testing/, never in another test
+    module (a test file imported by another runs its module code twice and couples the two)."""
+    offenders = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            mods = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            offenders += [f"{path.name}: {m}" for m in mods
+                          if m.startswith("tests.test_") or (m.startswith("test_") and m != path.stem)]
+    assert not offenders, offenders

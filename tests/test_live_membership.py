@@ -16,7 +16,7 @@ import torch
 from megatron_ppu.config import DiLoCoConfig
 from megatron_ppu.sync.replicas import ReplicaTransport
 from tests.harness import run_ranks
-from tests.test_diloco import _ref_owned_mask
+from tests.conftest import _ref_owned_mask
 
 OUTER_LR, MU = 0.7, 0.9
 
