@@ -354,13 +354,13 @@ def test_failure_keeps_previous_output_intact(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_worker_start_failure_is_raised_not_hung(tmp_path, monkeypatch):
-    from megatron_ppu.data import preprocess
+    from megatron_ppu.data import preprocess_workers
 
     class Broken:
         def __init__(self, *args, **kwargs):
             raise data_inputs.TokenizerModelError("cannot build the tokenizer in the worker")
 
-    monkeypatch.setattr(preprocess, "DocumentEncoder", Broken)  # inherited by forked workers
+    monkeypatch.setattr(preprocess_workers, "DocumentEncoder", Broken)  # inherited by forked workers
     path = _write_jsonl(tmp_path / "a.jsonl", [{"text": "1 2"}] * 10)
     with pytest.raises(data_inputs.TokenizerModelError, match="in the worker"):
         preprocess_data(_null_config(path, tmp_path / "out", workers=2, start_method="fork"))

@@ -51,7 +51,7 @@ ALLOWED = {
         "only for a TransformerConfig built without one (the tests' make_config); the builder passes it at "
         "construction. Megatron-LM's training.py sets it on the model config the same way",
     # megatron_ppu's own objects passed into a function (not Megatron / torch objects):
-    **{("megatron_ppu/data/preprocess.py", "_worker_init", t): "per-process state of a Pool worker kept on "
+    **{("megatron_ppu/data/preprocess_workers.py", "_worker_init", t): "per-process state of a Pool worker kept on "
        "the module's own function object (no module-level state in the parent)"
        for t in ("_worker_encode.encoder", "_worker_encode.error")},
     **{("megatron_ppu/data/tokenizer_training.py", "lines_of", "counters." + c): "the enclosing function's "
