@@ -9,23 +9,22 @@ the fp32 and int8 results, ``acc``.
 
 argv: slot K lighthouse out_path stop_path [kill_at_sync]
 With ``kill_at_sync``: at the first sync numbered >= it whose quorum holds every slot, the replica
-SIGKILLs itself in the middle of the fp32 reduction.
+SIGKILLs itself in the middle of the sync (after the fp32 reduction, before the int8 one).
 """
 import json
 import logging
 import os
 import signal
 import sys
-import threading
 import time
 
+import psutil
 import torch
 
 from megatron_ppu.config import FaultToleranceConfig
 from megatron_ppu.sync.torchft_replicas import TorchFTReplicas
 
 N = 20000  # values per contribution
-N_KILL = 4_000_000  # the reduction the victim dies in
 
 
 def contribution(slot: int, s: int, n: int = N) -> torch.Tensor:
@@ -48,6 +47,7 @@ def main():
     with open(out_path, "a") as out:
         out.write(json.dumps({"event": "up", "slot": slot, "pid": os.getpid(), "t": time.time()}) + "\n")
         out.flush()
+        dumped = False
         while True:
             target = None
             if os.path.exists(stop_path):
@@ -60,14 +60,13 @@ def main():
             s = t.syncs
             x = contribution(slot, s) if slot in live else torch.zeros(N)
             q = x.clone()
+            t.sum_(x)
             if kill_at is not None and s >= kill_at and tuple(live) == tuple(range(num_slots)):
+                # die between the two reductions of the sync: the others hold a complete fp32 sum and
+                # are in the int8 all-to-all with this replica when it disappears
                 out.write(json.dumps({"event": "dying", "slot": slot, "sync": s, "t": time.time()}) + "\n")
                 out.flush()
-                big = torch.ones(N_KILL)
-                threading.Timer(0.002, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-                t.sum_(big)
-                time.sleep(60)  # not reached unless the sum finished before the signal
-            t.sum_(x)
+                os.kill(os.getpid(), signal.SIGKILL)
             t.sum_(q, kind="int8", block=256)
             ok = t.agree(True)
             if ok:
@@ -79,6 +78,12 @@ def main():
                                   "int8_err": float((q - x).abs().max()) if ok else None,
                                   "acc_sum": float(acc["acc"].double().sum()), "acc0": float(acc["acc"][0]),
                                   "t0": t0, "t": time.time()}) + "\n")
+            if ok and not dumped:  # every server is up once a sync has committed
+                dumped = True
+                listen = [[c.laddr.ip, c.laddr.port] for c in psutil.Process().net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]
+                out.write(json.dumps({"event": "sockets", "slot": slot, "listen": listen,
+                                      "store_port": t.store_port}) + "\n")
             out.flush()
             time.sleep(0.2)  # the inner steps
         out.write(json.dumps({"event": "done", "slot": slot, "syncs": t.syncs, "t": time.time()}) + "\n")

@@ -160,7 +160,7 @@ class TorchFTReplicas(ReplicaTransport):
         self.consensus_group = consensus_group if consensus_group is not None else replica_group
         self.group_rank = dist.get_rank(replica_group) if replica_group is not None else 0
         self.group_world_size = dist.get_world_size(replica_group) if replica_group is not None else 1
-        self._store, store_port = self._open_store()
+        self._store, self._store_port = self._open_store()
         sec = lambda s: timedelta(seconds=s)  # noqa: E731
         self._pg = _make_gloo_group(sec(config.timeout), config.bind_address, self.group_world_size)
         host, port = _host_port(config.lighthouse)
@@ -175,7 +175,7 @@ class TorchFTReplicas(ReplicaTransport):
             pg=self._pg, load_state_dict=self._load_healed, state_dict=self._heal_state, min_replica_size=config.min_replicas,
             use_async_quorum=False, timeout=sec(config.timeout), quorum_timeout=sec(config.quorum_timeout),
             connect_timeout=sec(config.connect_timeout), rank=self.group_rank, world_size=self.group_world_size,
-            store_addr=config.bind_address, store_port=store_port, lighthouse_addr=f"http://{host}:{port}",
+            store_addr=config.bind_address, store_port=self._store_port, lighthouse_addr=f"http://{host}:{port}",
             replica_id=f"{REPLICA_ID_PREFIX}{self.slot}", port=0, hostname=config.bind_address,
             heartbeat_interval=sec(config.heartbeat_interval), init_sync=False)
 
@@ -341,6 +341,11 @@ class TorchFTReplicas(ReplicaTransport):
         """The same instance: the cross-replica group carries only the outer sync's collectives and
         one sync is in flight at a time, so the delayed sync's background thread uses it alone."""
         return self
+
+    @property
+    def store_port(self) -> int:
+        """Port of the replica's TCPStore (torch's; it listens on every interface, see patches/torchft.py)."""
+        return self._store_port
 
     @property
     def syncs(self) -> int:

@@ -1,0 +1,322 @@
+"""Replicas as independent jobs over torchft (issue 24): the transport, the bind patch, the flags.
+
+Every process is started by the test, reaped by its PID (process groups), its exit code checked;
+the lighthouse (torchft's own ``torchft_lighthouse``, on 127.0.0.1) is stopped by the test. The
+references are hand-computed: the sums of the known contributions of the live slots
+(``tests/ft_transport_worker.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "ft_transport_worker.py"
+LIGHTHOUSE = pathlib.Path(sys.executable).parent / "torchft_lighthouse"
+HEARTBEAT_TIMEOUT_S = 5.0
+JOIN_TIMEOUT_S = 2.0
+
+pytestmark = pytest.mark.skipif(not LIGHTHOUSE.exists(), reason="torchft is not installed (scripts/setup_env.sh)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: List[str], log: pathlib.Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            start_new_session=True)
+
+
+def _reap(p: subprocess.Popen, timeout: float = 30.0) -> int:
+    """Wait for ``p``; on timeout kill its process group (by its PID) and wait again."""
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        return p.wait(timeout=30)
+
+
+class Lighthouse:
+    """``torchft_lighthouse`` on 127.0.0.1 with the given timeouts, stopped by :meth:`stop`."""
+
+    def __init__(self, tmp: pathlib.Path, min_replicas: int = 2):
+        self.port = _free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.proc = _start([str(LIGHTHOUSE), "--bind", self.addr, "--min_replicas", str(min_replicas),
+                            "--join_timeout_ms", str(int(JOIN_TIMEOUT_S * 1000)),
+                            "--heartbeat_timeout_ms", str(int(HEARTBEAT_TIMEOUT_S * 1000)),
+                            "--quorum_tick_ms", "100"], tmp / "lighthouse.log")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, (tmp / "lighthouse.log").read_text()
+                time.sleep(0.1)
+        raise AssertionError("the lighthouse did not open its port in 30 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        _reap(self.proc, 10)
+
+
+def _records(path: pathlib.Path) -> List[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            pass
+    return out
+
+
+def _wait_for(cond, timeout: float, what: str, procs=()):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        for p in procs:
+            assert p.poll() in (None, 0), f"a replica exited with {p.returncode} while waiting for {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _x(slot: int, s: int, i: int) -> float:
+    """The worker's contribution x_slot(s)[i] (tests/ft_transport_worker.py), recomputed here."""
+    return 1000.0 * (slot + 1) + 7.0 * s + (i % 13)
+
+
+def _worker_cmd(slot, k, lh, out, stop, kill_at=None):
+    cmd = [sys.executable, str(WORKER), str(slot), str(k), lh.addr, str(out), str(stop)]
+    return cmd + ([str(kill_at)] if kill_at is not None else [])
+
+
+@pytest.mark.timeout(600)
+def test_three_replicas_one_killed_mid_sync_survivors_go_on_and_the_restarted_one_heals(tmp_path):
+    """Lighthouse + 3 single-process replicas syncing known tensors; slot 2 SIGKILLs itself in the
+    middle of a reduction once all three are in step. Checked: every committed sync's fp32 result is
+    the hand-computed sum over its live slots; every replica that committed sync s has the same live
+    set, result and state (no sync applied on some survivors only); the survivors commit again
+    within the heartbeat + join timeouts; the restarted slot 2 heals (state = the survivors') and
+    takes part again; the int8 path (ours, over the torchft group, on CPU) agrees on every replica
+    and is within its quantization bound."""
+    k = 3
+    lh = Lighthouse(tmp_path)
+    stop = tmp_path / "stop"
+    outs = {s: tmp_path / f"slot{s}.jsonl" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in range(k):
+            procs[f"slot{s}"] = _start(_worker_cmd(s, k, lh, outs[s], stop, kill_at=3 if s == 2 else None),
+                                       tmp_path / f"slot{s}.log")
+        victim = procs["slot2"]
+        _wait_for(lambda: victim.poll() is not None, 300, "slot 2 to kill itself",
+                  [procs["slot0"], procs["slot1"]])
+        assert victim.returncode == -signal.SIGKILL, (tmp_path / "slot2.log").read_text()[-3000:]
+        dying = [r for r in _records(outs[2]) if r["event"] == "dying"]
+        assert len(dying) == 1
+        t_kill, s_kill = dying[0]["t"], dying[0]["sync"]
+
+        def survivors_committed_after_kill():
+            return all(any(r["event"] == "sync" and r["committed"] and r["t0"] > t_kill and r["live"] == [0, 1]
+                           for r in _records(outs[s])) for s in (0, 1))
+        _wait_for(survivors_committed_after_kill, 120, "the survivors to commit without slot 2",
+                  [procs["slot0"], procs["slot1"]])
+        procs["slot2-restarted"] = _start(_worker_cmd(2, k, lh, outs[2], stop), tmp_path / "slot2-restarted.log")
+
+        def rejoined():
+            recs = [r for r in _records(outs[2]) if r["event"] == "sync" and r["t0"] > t_kill]
+            return sum(1 for r in recs if r["committed"] and 2 in r["live"]) >= 2
+        _wait_for(rejoined, 240, "the restarted slot 2 to heal and contribute twice",
+                  [p for name, p in procs.items() if name != "slot2"])
+        last = max(r["sync"] for s in range(k) for r in _records(outs[s]) if r["event"] == "sync")
+        stop.write_text(str(last + 3))
+        for name, p in procs.items():
+            if name != "slot2":
+                assert _reap(p, 120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+        lh.stop()
+
+    # every server a replica opens for the others listens on --ft-bind-address (127.0.0.1), none on the
+    # wildcard, except torch's TCPStore (no bind option; documented)
+    socks = [r for s in range(k) for r in _records(outs[s]) if r["event"] == "sockets"]
+    assert len(socks) >= k
+    for r in socks:
+        others = [(ip, port) for ip, port in r["listen"] if port != r["store_port"]]
+        assert len(others) >= 2, r  # the manager server and the heal checkpoint server at least
+        assert all(ip == "127.0.0.1" for ip, _ in others), r
+    recs = {s: [r for r in _records(outs[s]) if r["event"] == "sync"] for s in range(k)}
+    by_sync: Dict[int, List[dict]] = {}
+    for s in range(k):
+        for r in recs[s]:
+            if r["committed"]:
+                by_sync.setdefault(r["sync"], []).append(r)
+                # the hand-computed sum over the live slots
+                want = [sum(_x(m, r["sync"], i) for m in r["live"]) for i in range(26)]
+                assert r["fp32"] == want, (s, r["sync"], r["live"])
+                # int8: per block, each member's quantization error <= scale/2, the re-quantized sum's too
+                bound = (sum(_x(m, r["sync"], 12) for m in r["live"]) / 127) * (len(r["live"]) + 1)
+                assert r["int8_err"] <= bound, (r["int8_err"], bound)
+    for s_num, rs in by_sync.items():
+        assert len({json.dumps(r["live"]) for r in rs}) == 1, (s_num, rs)
+        assert len({json.dumps(r["int8"]) for r in rs}) == 1, s_num  # bit-identical on every replica
+        assert len({(r["acc_sum"], r["acc0"]) for r in rs}) == 1, (s_num, [(r["slot"], r["acc_sum"]) for r in rs])
+    # before the kill all three took part; the sync in flight at the kill was committed by no survivor
+    assert any(rs[0]["live"] == [0, 1, 2] for rs in by_sync.values())
+    assert s_kill not in by_sync or all(2 not in r["live"] for r in by_sync[s_kill]), by_sync.get(s_kill)
+    # the survivors went on within the heartbeat + join timeouts (+ slack for a loaded machine)
+    first_after = min(r["t"] for s in (0, 1) for r in recs[s] if r["committed"] and r["t0"] > t_kill)
+    assert first_after - t_kill < HEARTBEAT_TIMEOUT_S + JOIN_TIMEOUT_S + 20, first_after - t_kill
+    # the restarted replica healed (its first sync) and its state then matched the survivors'
+    after = [r for r in recs[2] if r["t0"] > t_kill]
+    assert after and after[0]["healed"] and 2 not in after[0]["live"], after[:1]
+    assert any(r["committed"] and r["live"] == [0, 1, 2] for r in after)
+    # every replica stopped at the same sync with the same state
+    final = {s: recs[s][-1] for s in range(k)}
+    assert len({(f["sync"], f["acc_sum"]) for f in final.values()}) == 1, final
+
+
+_LISTEN = """
+import json, sys, datetime, psutil
+from torchft.checkpointing import HTTPTransport
+if sys.argv[1] == "patched":
+    from megatron_ppu.patches.torchft import apply_torchft_patches
+    apply_torchft_patches("127.0.0.1")
+t = HTTPTransport(timeout=datetime.timedelta(seconds=5), num_chunks=0)
+print(json.dumps({"address": t.address(), "listen": [[c.laddr.ip, c.laddr.port] for c in
+                  psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]}))
+t.shutdown()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["unpatched", "patched"])
+def test_heal_checkpoint_server_binds_the_bind_address_only_when_patched(mode):
+    """torchft 0.2.0's HTTP checkpoint server listens on the IPv6 wildcard and advertises the host
+    name (the negative control, which fails once torchft changes and the patch must be revisited);
+    patched, it listens on and advertises the bind address."""
+    p = subprocess.run([sys.executable, "-c", _LISTEN, mode], capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    ips = {ip for ip, _ in got["listen"]}
+    if mode == "unpatched":
+        assert ips == {"::"}, got
+    else:
+        assert ips == {"127.0.0.1"}, got
+        assert got["address"].startswith("http://127.0.0.1:"), got
+
+
+@pytest.mark.timeout(60)
+def test_torchft_patch_refuses_other_versions_and_a_second_address():
+    from megatron_ppu.patches import torchft as patch
+
+    assert patch.SUPPORTED_TORCHFT == "0.2.0"
+    from importlib.metadata import version
+
+    assert version("torchft") == patch.SUPPORTED_TORCHFT  # the pin of setup.py is what is installed
+    code = ("from megatron_ppu.patches.torchft import apply_torchft_patches as a\n"
+            "a('127.0.0.1'); a('127.0.0.1')\n"
+            "try:\n    a('127.0.0.2')\nexcept RuntimeError as e:\n    print('refused', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, cwd=ROOT)
+    assert p.returncode == 0 and "refused" in p.stdout, p.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra,expect", [
+    (["--ft-lighthouse", "127.0.0.1:29510"], "--ft-lighthouse configures --fault-tolerance torchft"),
+    (["--fault-tolerance", "torchft"], "needs --ft-lighthouse, --ft-replica-id"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "4"],
+     "--ft-replica-id 4 is not a slot of --diloco-replicas 4"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "1",
+      "--ft-bind-address", "0.0.0.0"], "the wildcard would expose"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "1",
+      "--ft-bind-address", "site-a"], "is not an IP address"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "lighthouse", "--ft-replica-id", "1"], "is not HOST:PORT"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "1",
+      "--ft-quorum-timeout", "10"], "--ft-quorum-timeout 10.0 is below --ft-timeout 60.0"),
+])
+def test_fault_tolerance_flags_are_validated_with_the_fix(extra, expect):
+    from megatron_ppu.training.arguments import parse_args
+
+    base = "--diloco-local-steps 4 --diloco-replicas 4 --ppu-slices 2".split()
+    with pytest.raises(ValueError, match=expect.replace("(", r"\(")):
+        parse_args(base + extra, world_size=4 if "torchft" not in extra else 1)
+
+
+@pytest.mark.timeout(60)
+def test_fault_tolerance_defaults_leave_the_single_world_unchanged():
+    """Default ``none``: no torchft setting applies, and the run's layout rules are today's (K must
+    divide the world's DP); with torchft each job is one replica (world 1 per slot is valid)."""
+    from megatron_ppu.training.arguments import parse_args
+
+    base = "--diloco-local-steps 4 --diloco-replicas 4 --ppu-slices 2".split()
+    a = parse_args(base, world_size=4)
+    assert a.fault_tolerance.mode == "none" and not a.fault_tolerance.enabled
+    with pytest.raises(ValueError, match="must divide the data-parallel size 1"):
+        parse_args(base, world_size=1)
+    ft = parse_args(base + ["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510",
+                            "--ft-replica-id", "3"], world_size=1).fault_tolerance
+    assert (ft.enabled, ft.replica_id, ft.bind_address, ft.lighthouse) == (True, 3, "127.0.0.1", "127.0.0.1:29510")
+
+
+@pytest.mark.timeout(400)
+def test_a_joiner_with_other_settings_is_refused_with_their_names_and_the_running_replicas_go_on(tmp_path):
+    """Two replicas running; a third job with another hidden size joins: it exits with a ValueError
+    naming ``hidden_size``, the running replicas carry on (their later syncs committed with the right
+    sums) and none of them applied a sync with the refused member."""
+    k = 3
+    lh = Lighthouse(tmp_path)
+    stop = tmp_path / "stop"
+    outs = {s: tmp_path / f"slot{s}.jsonl" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in (0, 1):
+            procs[f"slot{s}"] = _start(_worker_cmd(s, k, lh, outs[s], stop), tmp_path / f"slot{s}.log")
+        running = list(procs.values())
+        _wait_for(lambda: all(any(r["event"] == "sync" and r["committed"] for r in _records(outs[s])) for s in (0, 1)),
+                  240, "two replicas to commit", running)
+        env = dict(os.environ, FT_TEST_HIDDEN="128")
+        bad = _start(_worker_cmd(2, k, lh, outs[2], stop), tmp_path / "slot2.log", env=env)
+        procs["slot2"] = bad
+        assert _reap(bad, 240) == 1
+        log = (tmp_path / "slot2.log").read_text()
+        assert "ValueError" in log and "hidden_size" in log and "slices" not in log.split("ValueError")[-1], log[-2000:]
+        t_refused = time.time()
+        _wait_for(lambda: all(any(r["event"] == "sync" and r["committed"] and r["t0"] > t_refused
+                                  for r in _records(outs[s])) for s in (0, 1)), 120,
+                  "the running replicas to commit after the refusal", running)
+        last = max(r["sync"] for s in (0, 1) for r in _records(outs[s]) if r["event"] == "sync")
+        stop.write_text(str(last + 2))
+        for s in (0, 1):
+            assert _reap(procs[f"slot{s}"], 120) == 0, (tmp_path / f"slot{s}.log").read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+        lh.stop()
+    for s in (0, 1):
+        for r in _records(outs[s]):
+            if r["event"] == "sync" and r["committed"]:
+                assert 2 not in r["live"], r
+                assert r["fp32"] == [sum(_x(m, r["sync"], i) for m in r["live"]) for i in range(26)]
