@@ -10,7 +10,7 @@ for a PPU model the frozen remainder of every sliced weight gets no
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -118,3 +118,120 @@ def build_param_scheduler(optimizer, *, lr: float, min_lr: float = 0.0, warmup_s
         wsd_decay_steps=wsd_decay_steps if decay_style == "WSD" else None, lr_wsd_decay_style=wsd_decay_style,
         use_checkpoint_opt_param_scheduler=use_checkpoint, override_opt_param_scheduler=override,
     )
+
+
+class InnerOptimizerView:
+    """The one reader of Megatron's optimizer internals: what the outer loop (DiLoCo), SDP, the
+    trainer and the accounting helpers need to know about the inner optimizer, asked here and
+    nowhere else (``tests/test_optimizer_view.py`` scans the sources for it). The first place a new
+    optimizer class or precision has to be taught.
+
+    ``optimizer``: what :func:`build_inner_optimizer` returns (a ``ChainedOptimizer`` or one
+    Megatron optimizer), or None (no inner optimizer: every query answers "nothing").
+
+    * :meth:`masters`: fp32 master of every low-precision model parameter
+      (``Float16OptimizerWithFloat16Params``);
+    * :attr:`is_distributed`, :meth:`shards`, :meth:`shard_ranges`: this rank's fp32 shard of the
+      ``DistributedOptimizer``, per model parameter;
+    * :meth:`reset_nonfinite_state`: the recovery after a skipped outer step;
+    * :meth:`untie_step_tensors`: the Adam "step" fix after megatron-core loaded a state;
+    * :meth:`param_states`: every trained parameter with its state (memory accounting).
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def parts(self) -> list:
+        """The Megatron optimizers (one per ``ChainedOptimizer`` part; [] without an optimizer)."""
+        if self.optimizer is None:
+            return []
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def masters(self) -> Dict[int, torch.Tensor]:
+        """``id(model param) -> fp32 master param`` for Megatron's ``Float16OptimizerWithFloat16Params``
+        (bf16 / fp16 training without the distributed optimizer); empty otherwise."""
+        out: Dict[int, torch.Tensor] = {}
+        for opt in self.parts:
+            if hasattr(opt, "float16_groups") and hasattr(opt, "fp32_from_float16_groups"):
+                for g16, g32 in zip(opt.float16_groups, opt.fp32_from_float16_groups):
+                    for p16, p32 in zip(g16, g32):
+                        out[id(p16)] = p32
+        return out
+
+    @property
+    def is_distributed(self) -> bool:
+        """Whether a part is Megatron's ``DistributedOptimizer`` (fp32 state sharded over the
+        inner-DP ranks)."""
+        return any(hasattr(opt, "shard_fp32_from_float16_groups") for opt in self.parts)
+
+    def shards(self) -> Dict[int, Tuple[torch.Tensor, int, int]]:
+        """``id(model param) -> (fp32 shard, start, end)`` for Megatron's ``DistributedOptimizer``:
+        this rank's fp32 master of the range [start, end) of the flattened parameter (for an fp32
+        model parameter the shard is a view of the parameter itself). Parameters of which this
+        rank holds no range are absent."""
+        out: Dict[int, Tuple[torch.Tensor, int, int]] = {}
+        for opt in self.parts:
+            if not hasattr(opt, "shard_fp32_from_float16_groups"):
+                continue
+            pairs = list(zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups)) + \
+                list(zip(opt.model_fp32_groups, opt.shard_fp32_groups))
+            for models, shards in pairs:
+                for p, shard in zip(models, shards):
+                    r = opt._get_model_param_range_map(p)["param"]
+                    assert shard is not None and shard.numel() == r.end - r.start, p.shape
+                    out[id(p)] = (shard, r.start, r.end)
+        return out
+
+    def shard_ranges(self) -> Optional[Dict[int, Tuple[int, int]]]:
+        """``id(model param) -> (start, end)``: the range of the flattened parameter in this rank's
+        distributed-optimizer shard, for every parameter the shard touches; None when no part is
+        distributed."""
+        if not self.is_distributed:
+            return None
+        return {i: (a, b) for i, (_, a, b) in self.shards().items()}
+
+    def _states(self) -> List[dict]:
+        return [st for opt in self.parts for st in getattr(opt, "optimizer", opt).state.values()]
+
+    def reset_nonfinite_state(self) -> int:
+        """Reset every per-parameter state entry that holds a non-finite value to a fresh
+        optimizer's (tensors zeroed, Adam's step count 0); returns how many parameters' states
+        were reset. Finite state entries are kept."""
+        reset = 0
+        for st in self._states():
+            tensors = [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+            if all(bool(torch.isfinite(v).all()) for v in tensors):
+                continue
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+                elif k == "step":
+                    st[k] = 0
+            reset += 1
+        return reset
+
+    def untie_step_tensors(self) -> None:
+        """Give every parameter's torch-Adam state its own "step" tensor. megatron-core 0.16.1
+        (``DistributedOptimizer.load_state_dict``, no apex/TE) gives every parameter one shared
+        "step" tensor, which torch then increments once per parameter per step (wrong bias
+        correction after a resume). Call after every load of an optimizer state."""
+        for st in self._states():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+    def param_states(self) -> Iterator[Tuple[torch.nn.Parameter, dict, bool]]:
+        """Every parameter the optimizer steps, once: ``(param, its state, low_precision)``;
+        ``param`` is the optimizer's own (the fp32 master of a bf16/fp16 model parameter, which
+        ``low_precision`` flags)."""
+        seen = set()
+        for opt in self.parts:
+            inner = opt.optimizer
+            cfg = getattr(opt, "config", None)
+            low = cfg is not None and bool(cfg.bf16 or cfg.fp16)
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if id(p) in seen:
+                        continue
+                    seen.add(id(p))
+                    yield p, inner.state.get(p, {}), low

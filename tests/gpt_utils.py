@@ -110,7 +110,7 @@ class DiLoCoRank:
 
         from megatron_ppu.optimizer import build_inner_optimizer, build_param_scheduler, wrap_model_ddp
         from megatron_ppu.ownership import build_ownership_plan
-        from megatron_ppu.sync.diloco import DiLoCoSync
+        from megatron_ppu.sync.diloco import DiLoCoSync, StaticReplicas
 
         self.layout, self.K = layout, layout.num_replicas
         self.cfg = make_config(swiglu=swiglu, layers=layers, hidden=32, heads=4, ffn=64)
@@ -121,7 +121,7 @@ class DiLoCoRank:
         self.opt = build_inner_optimizer([self.ddp], OptimizerConfig(optimizer="adam", lr=lr, weight_decay=wd,
                                                                      clip_grad=0.0), layout)
         build_param_scheduler(self.opt, lr=lr, weight_decay=wd)  # applies megatron's no-decay groups
-        self.loop = DiLoCoSync(self.model, self.plan, layout.replica_group, outer, self.opt)
+        self.loop = DiLoCoSync(self.model, self.plan, StaticReplicas(layout.replica_group), outer, self.opt)
 
     def inner_step(self, s: int) -> None:
         """Inner step ``s`` (1-based) on this replica's batch of that step, without the outer loop."""

@@ -13,7 +13,7 @@ from tests.harness import run_ranks
 def _hand_worker(rank, world_size):
     import torch.distributed as dist
 
-    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
+    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo, StaticReplicas
     from megatron_ppu.ownership import build_ownership_plan
 
     model = torch.nn.Linear(2, 2, bias=False)
@@ -21,7 +21,7 @@ def _hand_worker(rank, world_size):
         model.weight.fill_(1.0)
     plan = build_ownership_plan(model, num_replicas=world_size, num_slices=1, replica_index=rank)
     cfg = DiLoCoConfig(local_steps=1, outer_lr=0.5, outer_momentum=0.9, num_replicas=world_size)
-    loop = DiLoCo(model, plan, dist.group.WORLD, cfg)
+    loop = DiLoCo(model, plan, StaticReplicas(dist.group.WORLD), cfg)
     seen = []
     for _ in range(3):
         with torch.no_grad():  # replica 0 moves by +0.05, replica 1 by +0.15: mean delta +0.1
@@ -221,7 +221,7 @@ def _consistency_worker(rank, world_size, tp, pp, replicas, N, bf16_comm):
     from megatron.core.optimizer import OptimizerConfig
 
     from megatron_ppu.config import PPUConfig
-    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo
+    from megatron_ppu.sync.diloco import DiLoCoSync as DiLoCo, StaticReplicas
     from megatron_ppu.optimizer import build_inner_optimizer, wrap_model_ddp
     from megatron_ppu.ownership import build_ownership_plan
     from megatron_ppu.parallel import build_replica_layout
@@ -234,7 +234,7 @@ def _consistency_worker(rank, world_size, tp, pp, replicas, N, bf16_comm):
     plan = build_ownership_plan(model, replicas, N, layout.replica_index)
     ddp = wrap_model_ddp(model, layout)
     opt = build_inner_optimizer([ddp], OptimizerConfig(optimizer="adam", lr=1e-3, clip_grad=1.0), layout)
-    loop = DiLoCo(model, plan, layout.replica_group,
+    loop = DiLoCo(model, plan, StaticReplicas(layout.replica_group),
                   DiLoCoConfig(2, 0.7, 0.9, True, replicas, 1, "bf16" if bf16_comm else "fp32"), opt,
                   inner_group=layout.inner_dp_group)
 

@@ -72,7 +72,7 @@ def _compressed_worker(rank, world_size):
 
     from megatron_ppu.config import DiLoCoConfig
     from megatron_ppu.ownership import build_ownership_plan
-    from megatron_ppu.sync.diloco import DiLoCoSync
+    from megatron_ppu.sync.diloco import DiLoCoSync, StaticReplicas
 
     K = world_size
     out = {}
@@ -80,7 +80,7 @@ def _compressed_worker(rank, world_size):
     for kind in ("fp32", "int8", "fp8"):
         model = _model(seed=5)
         plan = build_ownership_plan(model, num_replicas=K, num_slices=1, replica_index=rank)
-        loop = DiLoCoSync(model, plan, dist.group.WORLD, DiLoCoConfig(
+        loop = DiLoCoSync(model, plan, StaticReplicas(dist.group.WORLD), DiLoCoConfig(
             local_steps=1, outer_lr=LR, outer_momentum=MU, num_replicas=K, allreduce_dtype=kind,
             quantization_block=BLOCK))
         names = loop.fragments[0].names  # the payload's order
@@ -106,7 +106,7 @@ def _compressed_worker(rank, world_size):
     for ef in (False, True):
         model = _model(seed=6)
         plan = build_ownership_plan(model, num_replicas=K, num_slices=1, replica_index=rank)
-        loop = DiLoCoSync(model, plan, dist.group.WORLD, DiLoCoConfig(
+        loop = DiLoCoSync(model, plan, StaticReplicas(dist.group.WORLD), DiLoCoConfig(
             local_steps=1, outer_lr=1.0, outer_momentum=0.0, nesterov=False, num_replicas=K,
             allreduce_dtype="int8", quantization_block=BLOCK, error_feedback=ef))
         names = loop.fragments[0].names

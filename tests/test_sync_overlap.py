@@ -22,7 +22,7 @@ def _hand_delayed_worker(rank, world_size):
     import torch.distributed as dist
 
     from megatron_ppu.ownership import build_ownership_plan
-    from megatron_ppu.sync.diloco import DiLoCoSync
+    from megatron_ppu.sync.diloco import DiLoCoSync, StaticReplicas
 
     model = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
@@ -30,7 +30,7 @@ def _hand_delayed_worker(rank, world_size):
     plan = build_ownership_plan(model, num_replicas=world_size, num_slices=1, replica_index=rank)
     cfg = DiLoCoConfig(local_steps=2, outer_lr=0.5, outer_momentum=0.9, num_replicas=world_size,
                        sync_delay=1, merge_alpha=0.5)
-    loop = DiLoCoSync(model, plan, dist.group.WORLD, cfg)
+    loop = DiLoCoSync(model, plan, StaticReplicas(dist.group.WORLD), cfg)
     local, snap, reports = [], [], []
     for _ in range(5):
         with torch.no_grad():  # every inner step: replica 0 moves by +0.05, replica 1 by +0.15
@@ -187,7 +187,7 @@ def _overlap_worker(rank, world_size):
     import torch.distributed as dist
 
     from megatron_ppu.ownership import build_ownership_plan
-    from megatron_ppu.sync.diloco import DiLoCoSync
+    from megatron_ppu.sync.diloco import DiLoCoSync, StaticReplicas
 
     # on a GPU (scripts/gpu_check.sh) the payload is a CUDA tensor: the worker's own stream is used
     model = torch.nn.Linear(64, 64, bias=False).to("cuda" if torch.cuda.is_available() else "cpu")
@@ -195,7 +195,7 @@ def _overlap_worker(rank, world_size):
         model.weight.fill_(1.0)
     plan = build_ownership_plan(model, num_replicas=world_size, num_slices=1, replica_index=rank)
     cfg = DiLoCoConfig(local_steps=2, outer_lr=0.5, outer_momentum=0.9, num_replicas=world_size, sync_delay=1)
-    loop = DiLoCoSync(model, plan, dist.group.WORLD, cfg)
+    loop = DiLoCoSync(model, plan, StaticReplicas(dist.group.WORLD), cfg)
     dist.barrier()
     with torch.no_grad():
         model.weight.add_(0.1 * (rank + 1))
@@ -222,7 +222,7 @@ def _overlap_worker(rank, world_size):
     return {"launch_s": launch_s, "wait_s": wait_s, "launched": launched, "in_flight": in_flight,
             "applied": [(r.step, r.applied_step) for r in applied + applied2],
             "main_sum_ok": bool((main_sum == 3.0).all()), "weight": model.weight.detach().cpu().clone(),
-            "side_stream": loop._stream is not None, "cuda": torch.cuda.is_available(), "stats": loop.stats()}
+            "side_stream": loop.delayed.stream is not None, "cuda": torch.cuda.is_available(), "stats": loop.stats()}
 
 
 @pytest.mark.timeout(300)
@@ -250,7 +250,7 @@ def _delayed_nan_worker(rank, world_size):
     import torch.distributed as dist
 
     from megatron_ppu.ownership import build_ownership_plan
-    from megatron_ppu.sync.diloco import DiLoCoSync
+    from megatron_ppu.sync.diloco import DiLoCoSync, StaticReplicas
 
     model = torch.nn.Linear(2, 2, bias=False)
     with torch.no_grad():
@@ -258,7 +258,7 @@ def _delayed_nan_worker(rank, world_size):
     plan = build_ownership_plan(model, num_replicas=world_size, num_slices=1, replica_index=rank)
     cfg = DiLoCoConfig(local_steps=2, outer_lr=0.5, outer_momentum=0.9, num_replicas=world_size,
                        sync_delay=1, merge_alpha=0.5, allreduce_dtype="int8", error_feedback=True)
-    loop = DiLoCoSync(model, plan, dist.group.WORLD, cfg)
+    loop = DiLoCoSync(model, plan, StaticReplicas(dist.group.WORLD), cfg)
     seen = []
     for s in range(1, 6):
         with torch.no_grad():
@@ -366,12 +366,12 @@ def _peer_death_worker(rank, world_size, out):
     import torch.distributed as dist
 
     from megatron_ppu.ownership import build_ownership_plan
-    from megatron_ppu.sync.diloco import DiLoCoSync
+    from megatron_ppu.sync.diloco import DiLoCoSync, StaticReplicas
 
     model = torch.nn.Linear(64, 64, bias=False)
     plan = build_ownership_plan(model, num_replicas=world_size, num_slices=1, replica_index=rank)
     cfg = DiLoCoConfig(local_steps=2, outer_lr=0.5, outer_momentum=0.9, num_replicas=world_size, sync_delay=1)
-    loop = DiLoCoSync(model, plan, dist.group.WORLD, cfg)
+    loop = DiLoCoSync(model, plan, StaticReplicas(dist.group.WORLD), cfg)
     res = {"error": None, "step": None, "seconds": None}
     for step in range(1, 6):
         with torch.no_grad():

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.optimizer import ChainedOptimizer
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.transformer.module import param_is_not_shared
 
+from ..optimizer import InnerOptimizerView
 from .base import Synchroniser
 
 
@@ -66,17 +66,7 @@ def distributed_optimizer_shards(optimizer) -> Optional[Dict[int, tuple]]:
     """For a Megatron optimizer (or ``ChainedOptimizer``) with distributed-optimizer parts:
     ``id(param) -> (start, end)``, the range of the flattened model parameter in this rank's
     shard, for every parameter the shard touches. ``None`` when no part is distributed."""
-    if optimizer is None:
-        return None
-    parts = [o for o in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(o, DistributedOptimizer)]
-    if not parts:
-        return None
-    shards = {}
-    for o in parts:
-        for p in o.model_param_gbuf_map:
-            r = o._get_model_param_range_map(p)["param"]
-            shards[id(p)] = (r.start, r.end)
-    return shards
+    return InnerOptimizerView(optimizer).shard_ranges()
 
 
 class _Piece:

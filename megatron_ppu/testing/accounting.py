@@ -11,6 +11,8 @@ from typing import Dict, List
 import torch
 from megatron.core.distributed import DistributedDataParallel
 
+from ..optimizer import InnerOptimizerView
+
 
 @dataclass
 class StateBytes:
@@ -30,23 +32,16 @@ def measure_state_bytes(model_chunks: List[DistributedDataParallel], optimizer) 
     for chunk in model_chunks:
         for buf in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
             grads += buf.grad_data.numel() * buf.grad_data.element_size()
-    seen = set()
     opt_bytes = 0
     trainable = 0
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = opt.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                if id(p) in seen:
-                    continue
-                seen.add(id(p))
-                trainable += p.numel()
-                for v in inner.state.get(p, {}).values():
-                    if isinstance(v, torch.Tensor) and v.dim() > 0:
-                        opt_bytes += v.numel() * v.element_size()
-                # fp32 master copy of a bf16/fp16 model param is the optimizer's own param
-                if getattr(opt, "config", None) is not None and (opt.config.bf16 or opt.config.fp16):
-                    opt_bytes += p.numel() * p.element_size()
+    for p, state, low_precision in InnerOptimizerView(optimizer).param_states():
+        trainable += p.numel()
+        for v in state.values():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                opt_bytes += v.numel() * v.element_size()
+        # fp32 master copy of a bf16/fp16 model param is the optimizer's own param
+        if low_precision:
+            opt_bytes += p.numel() * p.element_size()
     return StateBytes(grads=grads, optimizer=opt_bytes, trainable_elements=trainable)
 
 

@@ -48,7 +48,7 @@ from ..ownership import OwnershipPlan, build_ownership_plan
 from ..parallel import ReplicaLayout, build_replica_layout, initialize_model_parallel
 from ..spec import get_gpt_decoder_ppu_spec
 from ..subnet import SubnetConfig, apply_block_plan, block_assignment, block_holders_fn
-from ..sync import DDPSync, DiLoCoSync, SDPSync, Synchroniser
+from ..sync import DDPSync, DiLoCoSync, SDPSync, StaticReplicas, Synchroniser
 from ..sync.base import TimedCall
 from . import data as D
 from .arguments import TrainArgs, batch_schedule, check_layout, lr_schedule
@@ -334,6 +334,8 @@ def _build_synchroniser(a: TrainArgs, subnet: SubnetConfig, model: GPTModel, pla
                        lazy=subnet.masking == "forward", optimizer=optimizer)
     if a.diloco.enabled:
         outer: DiLoCoConfig = dataclasses.replace(a.diloco, num_replicas=layout.num_replicas)  # K resolved
-        return DiLoCoSync(model, plan, layout.replica_group, outer, optimizer, inner_group=layout.inner_dp_group,
-                          timeout=layout.timeout)
+        # the other replicas: today's static sub-groups (a second transport plugs in here)
+        transport = StaticReplicas(layout.replica_group, timeout=layout.timeout)
+        return DiLoCoSync(model, plan, transport, outer, optimizer, inner_group=layout.inner_dp_group,
+                          timeout=layout.timeout, holders_fn=blocks.holders_fn if blocks is not None else None)
     return DDPSync(grad_sync=config.finalize_model_grads_func)

@@ -21,6 +21,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from ..comm import enable_lazy_gloo, group_timeout, process_group_backend, shutdown_process_groups
+from ..optimizer import InnerOptimizerView
 from ..patches import apply_cpu_patches
 from . import checkpointing as C
 from . import data as D
@@ -91,16 +92,11 @@ class _Checkpoints:
             self.optimizer.load_state_dict(replica["optimizer"])
             return
         self.optimizer.load_state_dict(own["optimizer"])  # allocates the shards' state (dummy values)
-        opts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        for o, shard in zip(opts, own["optimizer_shards"]):
+        view = InnerOptimizerView(self.optimizer)
+        view.untie_step_tensors()  # megatron-core's loader shares one Adam "step" tensor between parameters
+        for o, shard in zip(view.parts, own["optimizer_shards"]):
             if shard is None:
                 continue
-            # megatron-core 0.16.1 (DistributedOptimizer.load_state_dict, no apex/TE) gives every
-            # parameter's torch-Adam state one shared "step" tensor, which torch then increments once
-            # per parameter per step (wrong bias correction after a resume): give each its own.
-            for st in o.optimizer.state.values():
-                if isinstance(st.get("step"), torch.Tensor):
-                    st["step"] = st["step"].clone()
             for gbuf_idx, by_dtype in shard.items():
                 if isinstance(gbuf_idx, int):
                     for buckets in by_dtype.values():
@@ -370,14 +366,17 @@ class Trainer(_Checkpoints):
 
     def _probe_loss(self) -> float:
         """The merge diagnostic's probe: the loss of the model's current weights on the probe
-        batches, mean over replicas (collective: every rank calls it)."""
+        batches, this replica's (mean over its last-stage ranks, on every rank of the replica;
+        collective inside the replica). The mean over replicas is the transport's."""
         was_training = self.ddp.training
         self.ddp.eval()
         with torch.no_grad():
             loss = self._run_schedule(self.probe_batches, forward_only=True)
         if was_training:
             self.ddp.train()
-        return self._dp_mean(loss)
+        t = torch.tensor([loss if loss is not None else 0.0, 1.0 if loss is not None else 0.0], dtype=torch.float64)
+        dist.all_reduce(t, group=self.layout.replica_world_group)
+        return float(t[0] / t[1])
 
     # -- logging -------------------------------------------------------------------------
     def log(self, msg: str) -> None:
