@@ -22,7 +22,7 @@ import psutil
 import torch
 
 from megatron_ppu.config import FaultToleranceConfig
-from megatron_ppu.sync.torchft_replicas import TorchFTReplicas
+from megatron_ppu.sync.torchft_replicas import TorchFTReplicas, state_checksum
 
 N = 20000  # values per contribution
 
@@ -44,6 +44,8 @@ def main():
     t = TorchFTReplicas(cfg, num_slots, settings)
     acc = {"acc": torch.zeros(N)}
     t.register_state(lambda: {"acc": acc["acc"].clone()}, lambda sd: acc.update(acc=sd["acc"].clone()))
+    # the schedule position: the sync count, and a digest of the state every running replica must share
+    t.position = lambda: (t.syncs, int(state_checksum(acc["acc"])[:15], 16))
     with open(out_path, "a") as out:
         out.write(json.dumps({"event": "up", "slot": slot, "pid": os.getpid(), "t": time.time()}) + "\n")
         out.flush()

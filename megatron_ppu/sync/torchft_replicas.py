@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 #: trailing digits (``K x ranks per replica + rank``), which is how the slots of a quorum are known.
 REPLICA_ID_PREFIX = "ppu_slot_"
 _DIGEST_MASK = (1 << 62) - 1
+#: the membership row: present, contributing, inner step, θ(t) digest, #settings, names digest, then one
+#: digest per setting (from column _SET on)
+_SET = 6
 
 
 def _digest(value) -> int:
@@ -171,6 +174,10 @@ class TorchFTReplicas(ReplicaTransport):
         self.last_quorum_s = 0.0
         self._live: Tuple[int, ...] = ()
         self._void = False
+        self._primed = False
+        #: () -> (the outer loop's inner step, a digest of every fragment's θ(t)); -1: not training yet
+        self.position: Callable[[], Tuple[int, int]] = lambda: (-1, 0)
+        self.peer_step = -1  # the running members' inner step at the last quorum (-1: none running)
         self.manager = Manager(
             pg=self._pg, load_state_dict=self._load_healed, state_dict=self._heal_state, min_replica_size=config.min_replicas,
             use_async_quorum=False, timeout=sec(config.timeout), quorum_timeout=sec(config.quorum_timeout),
@@ -231,18 +238,27 @@ class TorchFTReplicas(ReplicaTransport):
         logger.info("slot %d healed from a live peer at sync %d", self.slot, self.syncs)
 
     # ------------------------------------------------------------------ the transport
+    def prime(self) -> None:
+        """The next :meth:`begin_sync` continues the sync the last one started (a joiner that learnt
+        at its join quorum which fragment the others are syncing takes part in that sync)."""
+        self._primed = True
+
     def begin_sync(self) -> Sequence[int]:
+        if self._primed:
+            self._primed = False
+            return self._live
         t0 = time.monotonic()
         self._void = False
+        step, theta = self.position()
         self.manager.start_quorum(allow_heal=True)
         self.last_quorum_s = time.monotonic() - t0
         healed = self._pending is not None
         quorum = self._pg.quorum_slots
         n_set = len(self._setting_digests)
-        row = 4 + n_set
-        table = torch.zeros(self.num_slots, row, dtype=torch.int64)
-        table[self.slot, :4] = torch.tensor([1, 0 if healed else 1, n_set, self._names_digest])
-        table[self.slot, 4:] = torch.tensor(self._setting_digests, dtype=torch.int64)
+        table = torch.zeros(self.num_slots, _SET + n_set, dtype=torch.int64)
+        table[self.slot, :_SET] = torch.tensor([1, 0 if healed or step < 0 else 1, step, theta & _DIGEST_MASK,
+                                                n_set, self._names_digest])
+        table[self.slot, _SET:] = torch.tensor(self._setting_digests, dtype=torch.int64)
         if not self._collective(lambda: self._pg.parent.allreduce([table.view(-1)], dist.ReduceOp.SUM)):
             self._live = ()
             return self._live
@@ -255,28 +271,34 @@ class TorchFTReplicas(ReplicaTransport):
                                  "job a free slot (0 <= K < --diloco-replicas) or stop the other one.")
             self._void = True
         ref = self._reference_row(table, present)
-        if not self._void and not torch.equal(table[self.slot, 2:], ref):
-            mine = table[self.slot, 2:]
+        if not self._void and not torch.equal(table[self.slot, _SET - 2:], ref):
+            mine = table[self.slot, _SET - 2:]
             if mine[0] != ref[0] or mine[1] != ref[1]:
                 names = ["the set of settings (a different megatron_ppu version)"]
             else:
                 names = [k for i, k in enumerate(self.settings) if mine[2 + i] != ref[2 + i]]
             raise ValueError(f"replica slot {self.slot} cannot join: its settings differ from the running replicas' "
                              f"in {', '.join(names)}. Start it with the run's flags.")
-        if not self._void and any(not torch.equal(table[k, 2:], ref) for k in present):
+        if not self._void and any(not torch.equal(table[k, _SET - 2:], ref) for k in present):
             self._void = True  # a member with other settings refuses itself; nobody sums with it
         if self._void:
             logger.warning("sync voided: a member of the quorum %s was refused", present)
             self._live = ()
             return self._live
+        running = [k for k in present if table[k, 1] > 0]
+        self.peer_step = int(max(table[k, 2] for k in running)) if running else -1
+        if len({int(table[k, 2]) for k in running}) > 1 or len({int(table[k, 3]) for k in running}) > 1:
+            raise RuntimeError("the running replicas are out of step: (slot, inner step, θ(t) digest) = "
+                               f"{[(k, int(table[k, 2]), int(table[k, 3])) for k in running]}; their global models "
+                               "should be bit-identical after every sync (a bug, not a user error).")
         if healed:
             self._apply_healed()
-        self._live = tuple(k for k in present if table[k, 1] > 0)
+        self._live = tuple(running)
         return self._live
 
     def _reference_row(self, table: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
         """The settings columns most members share (ties: the lowest slot's): the running replicas'."""
-        rows = [table[k, 2:] for k in present]
+        rows = [table[k, _SET - 2:] for k in present]
         best = max(range(len(rows)), key=lambda i: (sum(torch.equal(rows[i], o) for o in rows), -present[i]))
         return rows[best]
 
