@@ -43,9 +43,10 @@ def main():
         settings["hidden_size"] = int(os.environ["FT_TEST_HIDDEN"])
     t = TorchFTReplicas(cfg, num_slots, settings)
     acc = {"acc": torch.zeros(N)}
-    t.register_state(lambda: {"acc": acc["acc"].clone()}, lambda sd: acc.update(acc=sd["acc"].clone()))
     # the schedule position: the sync count, and a digest of the state every running replica must share
-    t.position = lambda: (t.syncs, int(state_checksum(acc["acc"])[:15], 16))
+    t.register_state(lambda: {"acc": acc["acc"].clone()}, lambda sd: acc.update(acc=sd["acc"].clone()),
+                     lambda: (t.syncs, int(state_checksum(acc["acc"])[:15], 16)))
+    t.mark_joined()  # no join protocol here: a replica contributes from its first sync unless it heals
     with open(out_path, "a") as out:
         out.write(json.dumps({"event": "up", "slot": slot, "pid": os.getpid(), "t": time.time()}) + "\n")
         out.flush()

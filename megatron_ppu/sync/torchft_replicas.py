@@ -175,8 +175,8 @@ class TorchFTReplicas(ReplicaTransport):
         self._live: Tuple[int, ...] = ()
         self._void = False
         self._primed = False
-        #: () -> (the outer loop's inner step, a digest of every fragment's θ(t)); -1: not training yet
-        self.position: Callable[[], Tuple[int, int]] = lambda: (-1, 0)
+        self._position: Callable[[], Tuple[int, int]] = lambda: (-1, 0)
+        self._joined = False
         self.peer_step = -1  # the running members' inner step at the last quorum (-1: none running)
         self.manager = Manager(
             pg=self._pg, load_state_dict=self._load_healed, state_dict=self._heal_state, min_replica_size=config.min_replicas,
@@ -201,11 +201,20 @@ class TorchFTReplicas(ReplicaTransport):
             dist.broadcast_object_list(port, src=dist.get_global_rank(self.replica_group, 0), group=self.replica_group)
         return store, port[0]
 
-    def register_state(self, state_dict: Callable[[], dict], load_state_dict: Callable[[dict], None]) -> None:
+    def register_state(self, state_dict: Callable[[], dict], load_state_dict: Callable[[dict], None],
+                       position: Callable[[], Tuple[int, int]]) -> None:
         """The replica state a joiner heals from a live peer (the outer loop's θ(t), outer momentum,
         schedule position): ``state_dict()`` is called on the peer when someone needs it,
-        ``load_state_dict`` on the joiner after the settings and the checksum are verified."""
+        ``load_state_dict`` on the joiner after the settings and the checksum are verified.
+        ``position()``: (the outer loop's inner step, a digest of every fragment's θ(t)), the same on
+        every running replica at each quorum (compared; a difference is an error); until
+        :meth:`mark_joined` this replica reports (-1, 0) (joining: contributes nothing)."""
         self._user = (state_dict, load_state_dict)
+        self._position = position
+
+    def mark_joined(self) -> None:
+        """This replica is in step with the run (its join quorum is done): from now on it contributes."""
+        self._joined = True
 
     # ------------------------------------------------------------------ healing
     def _heal_state(self) -> dict:
@@ -249,7 +258,7 @@ class TorchFTReplicas(ReplicaTransport):
             return self._live
         t0 = time.monotonic()
         self._void = False
-        step, theta = self.position()
+        step, theta = self._position() if self._joined else (-1, 0)
         self.manager.start_quorum(allow_heal=True)
         self.last_quorum_s = time.monotonic() - t0
         healed = self._pending is not None

@@ -416,6 +416,10 @@ class Trainer(_Checkpoints):
         self.log(self.describe())
         window: List[Dict[str, float]] = []
         start, self.final_eval = time.perf_counter(), {}
+        if a.fault_tolerance.enabled:  # join the run (heal from a live peer when it is under way)
+            from . import fault_tolerance
+
+            fault_tolerance.join(self)
         while self.iteration < a.training.train_iters:
             stats = self.train_step()
             it = self.iteration
