@@ -51,11 +51,11 @@ def _reap(p: subprocess.Popen, timeout: float = 30.0) -> int:
 class Lighthouse:
     """``torchft_lighthouse`` on 127.0.0.1 with the given timeouts, stopped by :meth:`stop`."""
 
-    def __init__(self, tmp: pathlib.Path, min_replicas: int = 2):
+    def __init__(self, tmp: pathlib.Path, min_replicas: int = 2, join_timeout_s: float = JOIN_TIMEOUT_S):
         self.port = _free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.proc = _start([str(LIGHTHOUSE), "--bind", self.addr, "--min_replicas", str(min_replicas),
-                            "--join_timeout_ms", str(int(JOIN_TIMEOUT_S * 1000)),
+                            "--join_timeout_ms", str(int(join_timeout_s * 1000)),
                             "--heartbeat_timeout_ms", str(int(HEARTBEAT_TIMEOUT_S * 1000)),
                             "--quorum_tick_ms", "100"], tmp / "lighthouse.log")
         deadline = time.time() + 30
@@ -320,3 +320,94 @@ def test_a_joiner_with_other_settings_is_refused_with_their_names_and_the_runnin
             if r["event"] == "sync" and r["committed"]:
                 assert 2 not in r["live"], r
                 assert r["fp32"] == [sum(_x(m, r["sync"], i) for m in r["live"]) for i in range(26)]
+
+
+# ------------------------------------------------------------------------------------------ trainer
+TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-3", "--lr-warmup-iters", "2",
+        "--eval-iters", "1", "--log-interval", "2", "--eval-interval", "1000",
+        "--diloco-local-steps", "4", "--diloco-streaming-fragments", "2"]
+TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
+
+
+def _trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, extra=()):
+    return [str(TORCHRUN), "--standalone", "--nproc-per-node", "1", str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
+            "--global-batch-size", str(2 * k), "--train-iters", str(iters), "--diloco-replicas", str(k),
+            "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
+            "--ft-timeout", "30", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
+
+
+def _quorums(log: pathlib.Path) -> List[tuple]:
+    """(inner step, live slots, θ(t) digest, healed) of every quorum line of a trainer log."""
+    import re
+
+    pat = re.compile(r"quorum at inner step (-?\d+): live slots \[([\d, ]*)\]( \(this replica healed\))? "
+                     r"\(quorum [\d.]+ s\), θ\(t\) digest ([0-9a-f]+)")
+    out = []
+    for m in pat.finditer(log.read_text(errors="replace") if log.exists() else ""):
+        live = tuple(int(x) for x in m.group(2).split(",") if x.strip())
+        out.append((int(m.group(1)), live, m.group(4), bool(m.group(3))))
+    return out
+
+
+def _iteration(log: pathlib.Path) -> int:
+    import re
+
+    its = re.findall(r"iteration\s+(\d+)/", log.read_text(errors="replace") if log.exists() else "")
+    return int(its[-1]) if its else 0
+
+
+@pytest.mark.timeout(900)
+def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_identical(tmp_path):
+    """Lighthouse + 4 single-rank torchrun jobs (K = 4, PPU 1/2, Streaming DiLoCo F = 2, H = 4). Slot 3's
+    torchrun is SIGKILLed in the middle of a round and restarted. Checked: the survivors are never
+    restarted and finish with exit 0; slot 3 rejoins (heals from a live peer over torchft's checkpoint
+    transport); at every quorum the running replicas' θ(t) digests agree (the restarted one's too, from
+    the sync after its heal); every replica prints the same final validation loss of the global model."""
+    k, iters = 4, 48
+    # stragglers (a slow replica on this loaded machine) are waited for; a dead one is dropped after the
+    # heartbeat timeout (the lighthouse waits for heartbeating replicas only)
+    lh = Lighthouse(tmp_path, min_replicas=3, join_timeout_s=60)
+    logs = {s: tmp_path / f"slot{s}.log" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in range(k):
+            procs[f"slot{s}"] = _start(_trainer_cmd(s, k, lh, iters), logs[s])
+        survivors = [procs[f"slot{s}"] for s in range(3)]
+        _wait_for(lambda: _iteration(logs[3]) >= 10, 400, "slot 3 to reach iteration 10", list(procs.values()))
+        os.killpg(procs["slot3"].pid, signal.SIGKILL)  # the whole torchrun job, mid-round
+        assert procs["slot3"].wait(timeout=30) == -signal.SIGKILL
+        killed_log = logs[3].read_text(errors="replace")
+        logs[3].rename(tmp_path / "slot3-killed.log")
+        procs["slot3-restarted"] = _start(_trainer_cmd(3, k, lh, iters), logs[3])
+        for s in range(3):
+            assert _reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
+        assert _reap(procs["slot3-restarted"], 300) == 0, logs[3].read_text(errors="replace")[-4000:]
+        del survivors
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+        lh.stop()
+    assert "quorum at inner step" in killed_log
+    q = {s: _quorums(logs[s]) for s in range(k)}
+    # the restarted job healed at its join and took part in later syncs
+    assert any(h for _, _, _, h in q[3]), q[3][:3]
+    assert any(3 in live for step, live, _, h in q[3] if not h and step > 10), q[3]
+    # survivors ran without slot 3 for a while (it was dead), and with it again at the end
+    assert any(live == (0, 1, 2) for _, live, _, _ in q[0]), q[0]
+    assert q[0][-1][1] == (0, 1, 2, 3), q[0][-1]
+    # at every quorum, every replica that reports it holds the same θ(t) (digest of every fragment)
+    by_step: Dict[int, set] = {}
+    for s in range(k):
+        for step, live, digest, _ in q[s]:
+            if step >= 0:
+                by_step.setdefault(step, set()).add(digest)
+    assert by_step and all(len(d) == 1 for d in by_step.values()), {st: d for st, d in by_step.items() if len(d) > 1}
+    # the same global model on every replica: the same validation loss on the same batches
+    import re
+
+    finals = {s: re.findall(r"validation loss at iteration \d+ \(global model\) \| lm loss value: (\S+)",
+                            logs[s].read_text(errors="replace"))[-1] for s in range(k)}
+    assert len(set(finals.values())) == 1, finals

@@ -296,6 +296,19 @@ class TorchFTReplicas(ReplicaTransport):
             return self._live
         running = [k for k in present if table[k, 1] > 0]
         self.peer_step = int(max(table[k, 2] for k in running)) if running else -1
+        behind = [k for k in present if table[k, 1] == 0 and 0 <= table[k, 2] != self.peer_step]
+        if behind and running:
+            # A replica that fell behind (left out of a quorum while slow, or one that discarded a sync
+            # the others committed) heals here in the middle of its own, older sync: it cannot take part
+            # in this one's collectives (another fragment, other sizes). Everyone voids this sync; the one
+            # behind continues from the healed position (the trainer realigns its iteration).
+            logger.warning("sync voided: slots %s healed in the middle of an older sync (inner steps %s, the "
+                           "others' %d)", behind, [int(table[k, 2]) for k in behind], self.peer_step)
+            if healed:
+                self._apply_healed()
+            self._void = True
+            self._live = ()
+            return self._live
         if len({int(table[k, 2]) for k in running}) > 1 or len({int(table[k, 3]) for k in running}) > 1:
             raise RuntimeError("the running replicas are out of step: (slot, inner step, θ(t) digest) = "
                                f"{[(k, int(table[k, 2]), int(table[k, 3])) for k in running]}; their global models "
@@ -303,6 +316,9 @@ class TorchFTReplicas(ReplicaTransport):
         if healed:
             self._apply_healed()
         self._live = tuple(running)
+        logger.info("fault tolerance: quorum at inner step %d: live slots %s%s (quorum %.2f s), θ(t) digest %015x",
+                    self.peer_step, list(self._live), " (this replica healed)" if healed else "",
+                    self.last_quorum_s, int(table[running[0], 3]) if running else 0)
         return self._live
 
     def _reference_row(self, table: torch.Tensor, present: Sequence[int]) -> torch.Tensor:

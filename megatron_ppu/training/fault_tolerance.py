@@ -107,3 +107,16 @@ def join(trainer) -> None:
     trainer.scheduler.step(increment=step)
     trainer.log(f"fault tolerance: slot {t.slot} joined at iteration {step} "
                 f"({'healed from a live peer' if t.heals else 'no heal needed'}); live slots {list(t.live)}")
+
+
+def realign(trainer) -> None:
+    """After an iteration: a replica that fell behind and healed in the middle of one of its own syncs
+    continues from the healed inner step (data position and learning-rate schedule with it)."""
+    step = trainer.sync.step
+    if step != trainer.iteration:
+        assert step > trainer.iteration, (step, trainer.iteration)  # a heal only moves forward
+        trainer.scheduler.step(increment=step - trainer.iteration)
+        trainer.iteration = step
+        trainer.batches.consumed_samples = step * trainer.global_batch_size
+        trainer.log(f"fault tolerance: slot {trainer.sync.transport.slot} healed from a live peer; continues at "
+                    f"iteration {step}")

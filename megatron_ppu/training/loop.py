@@ -422,6 +422,8 @@ class Trainer(_Checkpoints):
             fault_tolerance.join(self)
         while self.iteration < a.training.train_iters:
             stats = self.train_step()
+            if a.fault_tolerance.enabled:  # healed after falling behind: continue from the peers' iteration
+                fault_tolerance.realign(self)
             it = self.iteration
             last = it == a.training.train_iters
             exiting = (c.exit_interval is not None and it % c.exit_interval == 0) or self._out_of_time()
