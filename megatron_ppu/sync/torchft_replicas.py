@@ -60,6 +60,9 @@ _DIGEST_MASK = (1 << 62) - 1
 #: the membership row: present, contributing, inner step, θ(t) digest, #settings, names digest, then one
 #: digest per setting (from column _SET on)
 _SET = 6
+#: consecutive quorums in which a slot appears twice before the newcomer gives up (a dead predecessor
+#: leaves the quorums after the lighthouse's heartbeat timeout)
+_DUPLICATE_QUORUMS = 5
 
 
 def _digest(value) -> int:
@@ -175,6 +178,7 @@ class TorchFTReplicas(ReplicaTransport):
         self._live: Tuple[int, ...] = ()
         self._void = False
         self._primed = False
+        self._twice = 0  # consecutive quorums with a slot claimed twice
         self._position: Callable[[], Tuple[int, int]] = lambda: (-1, 0)
         self._joined = False
         self.peer_step = -1  # the running members' inner step at the last quorum (-1: none running)
@@ -270,14 +274,20 @@ class TorchFTReplicas(ReplicaTransport):
         table[self.slot, _SET:] = torch.tensor(self._setting_digests, dtype=torch.int64)
         if not self._collective(lambda: self._pg.parent.allreduce([table.view(-1)], dist.ReduceOp.SUM)):
             self._live = ()
-            return self._live
+            return self._live  # errored: agree() discards it on this member
         present = [k for k in range(self.num_slots) if table[k, 0] > 0]
         assert set(present) == set(quorum), (present, quorum)
         twice = [k for k in present if table[k, 0] > 1]
+        self._twice = self._twice + 1 if twice else 0
         if twice:
-            if healed or self.syncs == 0:
+            # Two members in one slot: a restarted replica meeting its dead predecessor (which asked for
+            # this quorum just before it died; gone after the heartbeat timeout) or a second job given a
+            # taken slot. Void the sync; the newcomer gives up only when it persists.
+            if (healed or self.syncs == 0) and self._twice >= _DUPLICATE_QUORUMS:
                 raise ValueError(f"--ft-replica-id {self.slot} is already taken by a running replica; give this "
                                  "job a free slot (0 <= K < --diloco-replicas) or stop the other one.")
+            logger.warning("slot(s) %s appear twice in the quorum (a restart meeting its predecessor?): sync "
+                           "voided", twice)
             self._void = True
         ref = self._reference_row(table, present)
         if not self._void and not torch.equal(table[self.slot, _SET - 2:], ref):
@@ -388,6 +398,12 @@ class TorchFTReplicas(ReplicaTransport):
         """The same instance: the cross-replica group carries only the outer sync's collectives and
         one sync is in flight at a time, so the delayed sync's background thread uses it alone."""
         return self
+
+    @property
+    def voided(self) -> bool:
+        """Whether the last :meth:`begin_sync` voided its sync (a member refused, out of step, or a failed
+        exchange): nothing is summed and :meth:`agree` returns False on every member."""
+        return self._void or self.manager.errored() is not None
 
     @property
     def store_port(self) -> int:

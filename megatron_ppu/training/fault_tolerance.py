@@ -89,15 +89,18 @@ def join(trainer) -> None:
     data position and learning-rate schedule to the running replicas' when it joins a run in progress."""
     sync = trainer.sync
     t: TorchFTReplicas = sync.transport
-    t.begin_sync()
+    while True:
+        t.begin_sync()
+        if not t.voided:
+            break
+        t.agree(False)  # a voided quorum (a member refused, one failed): close it and ask again
     step = t.peer_step
     t.mark_joined()
     if step < 0:  # every member is starting: nothing to take part in
         t.agree(True)
         trainer.log(f"fault tolerance: slot {t.slot} started with the live slots {list(t.live)}")
         return
-    if t.heals == 0:  # joined the run's first sync without a heal: θ(t) = θ(0) here and there
-        sync.step = step
+    sync.step = step  # healed: already; joined the first sync without a heal: θ(t) = θ(0) here and there
     due = [f.index for f in sync.fragments if f.due(step)]
     assert len(due) == 1, (step, due)
     t.prime()
