@@ -420,11 +420,14 @@ def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_ide
     assert any(live == (0, 1, 2) for _, live, _, _ in q[0]), q[0]
     assert q[0][-1][1] == (0, 1, 2, 3), q[0][-1]
     # at every quorum, every replica that reports it holds the same θ(t) (digest of every fragment)
-    by_step: Dict[int, set] = {}
+    # (the end of training syncs the remaining fragment at the last step: a step's n-th quorum is the key)
+    by_step: Dict[tuple, set] = {}
     for s in range(k):
+        seen: Dict[int, int] = {}
         for step, live, digest, _ in q[s]:
             if step >= 0:
-                by_step.setdefault(step, set()).add(digest)
+                seen[step] = seen.get(step, 0) + 1
+                by_step.setdefault((step, seen[step]), set()).add(digest)
     assert by_step and all(len(d) == 1 for d in by_step.values()), {st: d for st, d in by_step.items() if len(d) > 1}
     # the same global model on every replica: the same validation loss on the same batches
     import re
