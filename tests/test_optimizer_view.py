@@ -13,6 +13,11 @@ import pathlib
 import re
 from typing import List, Tuple
 
+import pytest
+import torch
+
+from tests.harness import run_ranks
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCANNED = ["megatron_ppu", "benchmarks", "tools", "scripts"]
 #: file (relative to the repository) -> why it may read the internals
@@ -79,3 +84,80 @@ def test_scan_catches_the_readers_before_the_view():
         for p, state, low in InnerOptimizerView(optimizer).param_states():
     '''
     assert violations(fine) == []
+
+
+def _view_worker(rank, world_size, bf16, distributed):
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_ppu.optimizer import InnerOptimizerView, build_inner_optimizer, wrap_model_ddp
+    from megatron_ppu.parallel import build_replica_layout
+    from tests import gpt_utils as G
+
+    G.init_parallel()
+    layout = build_replica_layout(1)  # one replica, inner-DP = world_size
+    cfg = G.make_config(layers=1, hidden=32, heads=4, ffn=64, bf16=bf16)
+    model = G.build_gpt(cfg, None, seed=3)
+    ddp = wrap_model_ddp(model, layout, use_distributed_optimizer=distributed)
+    opt = build_inner_optimizer([ddp], OptimizerConfig(optimizer="adam", lr=1e-3, bf16=bf16, params_dtype=cfg.params_dtype,
+                                                       use_distributed_optimizer=distributed), layout)
+    view = InnerOptimizerView(opt)
+    parts = list(getattr(opt, "chained_optimizers", [opt]))
+    # independent readings of Megatron's internals (what the callers read before the view)
+    ranges, shard_ok = {}, True
+    for o in parts:
+        if isinstance(o, DistributedOptimizer):
+            for p in o.model_param_gbuf_map:
+                r = o._get_model_param_range_map(p)["param"]
+                ranges[id(p)] = (r.start, r.end)
+    shards = view.shards()
+    for o in parts:
+        if isinstance(o, DistributedOptimizer):
+            for models, sh in list(zip(o.model_float16_groups, o.shard_fp32_from_float16_groups)) + \
+                    list(zip(o.model_fp32_groups, o.shard_fp32_groups)):
+                for p, t in zip(models, sh):
+                    shard_ok &= shards[id(p)][0] is t
+    masters_ref = {}
+    for o in parts:
+        for g16, g32 in zip(getattr(o, "float16_groups", []), getattr(o, "fp32_from_float16_groups", [])):
+            masters_ref.update({id(a): b for a, b in zip(g16, g32)})
+    masters = view.masters()
+    # reset: poison one Adam state entry, the view resets exactly that one
+    ddp.zero_grad_buffer()
+    with torch.no_grad():  # a gradient by hand (DDP's buffers, what the optimizer reads)
+        for p in model.parameters():
+            p.main_grad.fill_(1e-3)
+    opt.step()
+    states = [st for o in parts for st in o.optimizer.state.values()]
+    states[0]["exp_avg"].view(-1)[0] = float("nan")
+    reset = view.reset_nonfinite_state()
+    finite = all(bool(torch.isfinite(v).all()) for st in states for v in st.values() if isinstance(v, torch.Tensor))
+    # the step fix: one shared "step" tensor becomes one per parameter, same value
+    shared = torch.tensor(5.0)
+    for st in states:
+        st["step"] = shared
+    view.untie_step_tensors()
+    steps = [st["step"] for st in states]
+    return {"distributed": view.is_distributed, "ranges_equal": view.shard_ranges() == (ranges or None),
+            "num_ranges": len(ranges), "shard_ok": bool(shard_ok),
+            "masters_equal": set(masters) == set(masters_ref) and all(masters[i] is masters_ref[i] for i in masters),
+            "num_masters": len(masters), "reset": reset, "finite": finite,
+            "steps_distinct": len({id(s) for s in steps}) == len(steps), "steps_value": {float(s) for s in steps},
+            "trainable": sum(p.numel() for p, _, _ in view.param_states()),
+            "model_numel": sum(p.numel() for p in model.parameters())}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("bf16,distributed", [(True, False), (True, True), (False, True)],
+                         ids=["bf16", "bf16-distopt", "fp32-distopt"])
+def test_view_reads_what_megatron_holds(bf16, distributed):
+    for r in run_ranks(2, "tests.test_optimizer_view:_view_worker", {"bf16": bf16, "distributed": distributed},
+                       timeout=500):
+        assert r["distributed"] == distributed, r
+        assert r["ranges_equal"] and r["shard_ok"], r
+        assert (r["num_ranges"] > 0) == distributed, r
+        assert r["masters_equal"] and (r["num_masters"] > 0) == (bf16 and not distributed), r
+        assert r["reset"] == 1 and r["finite"], r
+        assert r["steps_distinct"] and r["steps_value"] == {5.0}, r
+        if not distributed:
+            assert r["trainable"] == r["model_numel"], r

@@ -50,12 +50,12 @@ def _bf16_delta_worker(rank, world_size, argv, case):
     K = world_size
     captured = []
     for frag in loop.fragments:
-        def perform(deltas, f=frag.index, orig=frag.perform):
-            out = orig(deltas)
-            captured.append((f, [d.clone() for d in deltas], [o.clone() for o in out]))
-            return out
+        def reduce(deltas, channels, f=frag.index, orig=frag.reduce):
+            red = orig(deltas, channels)
+            captured.append((f, [d.clone() for d in deltas], [o.clone() for o in red.averaged]))
+            return red
 
-        frag.perform = perform
+        frag.reduce = reduce
     t.train()
     me = t.layout.replica_index
     names = loop.fragments[0].names

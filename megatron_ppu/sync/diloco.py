@@ -227,6 +227,7 @@ class DiLoCoSync(Synchroniser):
         :meth:`state_dict` stores it and the outer step happens at its due step, as without the save)."""
         if self.delayed is not None:
             self.delayed.wait(self.totals)
+
     def stats(self) -> Dict[str, float]:
         """Counters since the start of the run: ``outer_bytes_sent`` (bytes on the wire per rank,
         2 (K-1)/K x the bytes handed to the cross-replica collectives: the ring all-reduce of an

@@ -41,6 +41,12 @@ class ReplicaTransport(abc.ABC):
     applied on some replicas only). Every call is collective over the live replicas, and every
     rank of a replica makes the same calls in the same order (the fragments' syncs, in schedule
     order; a delayed sync's calls on its background instance, :meth:`for_background`).
+
+    How the outer loop calls it (``sync/fragment.py``, ``sync/diloco.py``): per fragment sync
+    ``begin_sync()`` once, ``sum_`` once per rank (on its inner-DP share of the payload; not
+    called when ``num_slots == 1``), then ``agree``; with the merge diagnostic, ``mean`` three
+    times around the outer step, after ``agree`` and before the next ``begin_sync`` (over the same
+    live replicas). A sync that ``agree`` rejects is applied nowhere (θ(t) restored).
     """
 
     #: number of replica slots of the run (``--diloco-replicas`` K)
@@ -70,7 +76,8 @@ class ReplicaTransport(abc.ABC):
 
     @abc.abstractmethod
     def mean(self, value: float) -> float:
-        """The mean of a scalar over the live replicas (the merge diagnostic's probe losses)."""
+        """The mean over the live replicas of ``value`` (this replica's, the same on each of its
+        ranks: the merge diagnostic's probe losses)."""
 
     @abc.abstractmethod
     def for_background(self) -> "ReplicaTransport":
