@@ -352,9 +352,9 @@ TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
 
 
-def _trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, extra=()):
-    return [str(TORCHRUN), "--standalone", "--nproc-per-node", "1", str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
-            "--global-batch-size", str(2 * k), "--train-iters", str(iters), "--diloco-replicas", str(k),
+def _trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=()):
+    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
+            "--global-batch-size", str(2 * k * nproc), "--train-iters", str(iters), "--diloco-replicas", str(k),
             "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
             "--ft-timeout", "30", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
 
@@ -379,46 +379,45 @@ def _iteration(log: pathlib.Path) -> int:
     return int(its[-1]) if its else 0
 
 
-@pytest.mark.timeout(900)
-def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_identical(tmp_path):
-    """Lighthouse + 4 single-rank torchrun jobs (K = 4, PPU 1/2, Streaming DiLoCo F = 2, H = 4). Slot 3's
-    torchrun is SIGKILLed in the middle of a round and restarted. Checked: the survivors are never
-    restarted and finish with exit 0; slot 3 rejoins (heals from a live peer over torchft's checkpoint
-    transport); at every quorum the running replicas' θ(t) digests agree (the restarted one's too, from
-    the sync after its heal); every replica prints the same final validation loss of the global model."""
-    k, iters = 4, 100
+def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=()):
+    """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job (agent and workers) is
+    SIGKILLed in the middle of a round and restarted. Checked: the survivors are never restarted and
+    finish with exit 0; the restarted job heals from a live peer (torchft's checkpoint transport, each
+    rank its own coordinate) and takes part in later syncs; at every quorum the running replicas' θ(t)
+    digests agree (the restarted one's too, after its heal); every replica prints the same final
+    validation loss of the global model on the same validation batches."""
+    last = k - 1
     # stragglers (a slow replica on this loaded machine) are waited for; a dead one is dropped after the
     # heartbeat timeout (the lighthouse waits for heartbeating replicas only)
-    lh = Lighthouse(tmp_path, min_replicas=3, join_timeout_s=60)
+    lh = Lighthouse(tmp_path, min_replicas=max(1, k - 1), join_timeout_s=60)
     logs = {s: tmp_path / f"slot{s}.log" for s in range(k)}
     procs: Dict[str, subprocess.Popen] = {}
     try:
         for s in range(k):
-            procs[f"slot{s}"] = _start(_trainer_cmd(s, k, lh, iters), logs[s])
-        survivors = [procs[f"slot{s}"] for s in range(3)]
-        _wait_for(lambda: _iteration(logs[3]) >= 8, 400, "slot 3 to reach iteration 8", list(procs.values()))
-        _kill_tree(procs["slot3"])  # the whole torchrun job (agent and worker), mid-round
-        assert procs["slot3"].wait(timeout=30) == -signal.SIGKILL
-        killed_log = logs[3].read_text(errors="replace")
-        logs[3].rename(tmp_path / "slot3-killed.log")
-        procs["slot3-restarted"] = _start(_trainer_cmd(3, k, lh, iters), logs[3])
-        for s in range(3):
+            procs[f"slot{s}"] = _start(_trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
+        _wait_for(lambda: _iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
+                  list(procs.values()))
+        _kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
+        assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
+        killed_log = logs[last].read_text(errors="replace")
+        logs[last].rename(tmp_path / "killed.log")
+        procs["restarted"] = _start(_trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
+        for s in range(last):
             assert _reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
-        assert _reap(procs["slot3-restarted"], 300) == 0, logs[3].read_text(errors="replace")[-4000:]
-        del survivors
+        assert _reap(procs["restarted"], 300) == 0, logs[last].read_text(errors="replace")[-4000:]
     finally:
         for p in procs.values():
             _kill_tree(p)
             p.wait(timeout=30)
         lh.stop()
-    assert "quorum at inner step" in killed_log and "iteration      100/" not in killed_log
+    assert "quorum at inner step" in killed_log and f"iteration {iters:>9}/" not in killed_log
     q = {s: _quorums(logs[s]) for s in range(k)}
     # the restarted job healed at its join and took part in later syncs
-    assert any(h for _, _, _, h in q[3]), q[3][:3]
-    assert any(3 in live for step, live, _, h in q[3] if not h and step > 10), q[3]
-    # survivors ran without slot 3 for a while (it was dead), and with it again at the end
-    assert any(live == (0, 1, 2) for _, live, _, _ in q[0]), q[0]
-    assert q[0][-1][1] == (0, 1, 2, 3), q[0][-1]
+    assert any(h for _, _, _, h in q[last]), q[last][:3]
+    assert any(last in live for step, live, _, h in q[last] if not h and step > 10), q[last]
+    # survivors ran without the killed slot for a while, and with it again at the end
+    assert any(live == tuple(range(last)) for _, live, _, _ in q[0]), q[0]
+    assert q[0][-1][1] == tuple(range(k)), q[0][-1]
     # at every quorum, every replica that reports it holds the same θ(t) (digest of every fragment)
     # (the end of training syncs the remaining fragment at the last step: a step's n-th quorum is the key)
     by_step: Dict[tuple, set] = {}
@@ -435,3 +434,20 @@ def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_ide
     finals = {s: re.findall(r"validation loss at iteration \d+ \(global model\) \| lm loss value: (\S+)",
                             logs[s].read_text(errors="replace"))[-1] for s in range(k)}
     assert len(set(finals.values())) == 1, finals
+
+
+@pytest.mark.timeout(900)
+def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_identical(tmp_path):
+    """K = 4 single-rank jobs, PPU 1/2, Streaming DiLoCo F = 2, H = 4 (see the helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=4, iters=100,
+                                    extra=["--ppu-slices", "2", "--tensorboard-dir", str(tmp_path / "tb")])
+    # TensorBoard got the membership counters (tags are stored as plain strings in the event files)
+    events = b"".join(f.read_bytes() for f in (tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert all(tag in events for tag in (b"ft/live-replicas", b"ft/heals", b"ft/quorum-time")), len(events)
+
+
+@pytest.mark.timeout(900)
+def test_two_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordinate(tmp_path):
+    """K = 2 jobs of 2 ranks each (inner-DP 2, one torchft Manager per rank, local rank 0 hosting the
+    replica's manager server), PPU 1/2: slot 1's job killed and restarted (see the helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=2, iters=80, nproc=2, extra=["--ppu-slices", "2"])

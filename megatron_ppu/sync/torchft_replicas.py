@@ -424,6 +424,13 @@ class TorchFTReplicas(ReplicaTransport):
         """For the replica's own checkpoint: committed syncs and the membership history."""
         return {"syncs": self.syncs, "history": [list(h) for h in self.history]}
 
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` from the replica's own checkpoint: the membership history and
+        torchft's step, so that replicas restarted together from the same sync resume without a heal
+        (one restarted from an older checkpoint is behind and heals to the current θ(t))."""
+        self.history = [(int(s), tuple(live)) for s, live in state.get("history", [])]
+        self.manager.load_state_dict({"step": int(state.get("syncs", 0)), "batches_committed": 0})
+
     def close(self) -> None:
         """Stop the manager (heartbeats, servers) and drop the group and the store."""
         self.manager.shutdown(wait=False)

@@ -96,8 +96,9 @@ def join(trainer) -> None:
         t.agree(False)  # a voided quorum (a member refused, one failed): close it and ask again
     step = t.peer_step
     t.mark_joined()
-    if step < 0:  # every member is starting: nothing to take part in
+    if step < 0:  # every member is starting (fresh, or resuming from their own checkpoints): no sync in progress
         t.agree(True)
+        realign(trainer)  # one that resumed from an older checkpoint healed to the others' position
         trainer.log(f"fault tolerance: slot {t.slot} started with the live slots {list(t.live)}")
         return
     sync.step = step  # healed: already; joined the first sync without a heal: θ(t) = θ(0) here and there

@@ -76,6 +76,8 @@ class _Checkpoints:
                    "local_model": {k: v for k, v in self.model.state_dict().items() if isinstance(v, torch.Tensor)}}
         own = {"iteration": self.iteration, "consumed_samples": self.batches.consumed_samples,
                "scheduler": self.scheduler.state_dict(), "plan": self.plan.to_dict(), "rng": rng_state()}
+        if self.args.fault_tolerance.enabled:  # which slots contributed to each committed sync
+            own["fault_tolerance"] = self.sync.transport.state_dict()
         if self.args.parallel.use_distributed_optimizer:
             # Megatron's distributed optimizer: each inner-DP rank holds its own shard of the fp32
             # masters and moments ("dp_reshardable" form: this rank's bucket ranges, as they are).
@@ -202,6 +204,8 @@ class _Checkpoints:
             self.sync.load_state_dict(replica["diloco"])
         self.iteration = own["iteration"]
         self.batches.consumed_samples = own["consumed_samples"]
+        if self.args.fault_tolerance.enabled and "fault_tolerance" in own:
+            self.sync.transport.load_state_dict(own["fault_tolerance"])
         if not c.no_load_rng:
             C.set_rng_state(own["rng"])
         self.log(f"resumed from {path} at iteration {self.iteration}")
