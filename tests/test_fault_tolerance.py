@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Dict, List
 
+import psutil
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -356,7 +357,7 @@ def _trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, 
     return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
             "--global-batch-size", str(2 * k * nproc), "--train-iters", str(iters), "--diloco-replicas", str(k),
             "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
-            "--ft-timeout", "30", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
+            "--ft-timeout", "120", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
 
 
 def _quorums(log: pathlib.Path) -> List[tuple]:
@@ -401,7 +402,23 @@ def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1
         assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
         killed_log = logs[last].read_text(errors="replace")
         logs[last].rename(tmp_path / "killed.log")
-        procs["restarted"] = _start(_trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
+        # the survivors go on without it: wait for two of their syncs without the killed slot
+        _wait_for(lambda: sum(1 for _, live, _, _ in _quorums(logs[0]) if live == tuple(range(last))) >= 2, 300,
+                  "two syncs of the survivors without the killed slot", [procs[f"slot{s}"] for s in range(last)])
+        # Pause the survivors' workers while the restarted job starts (on a fast machine they would
+        # finish the run before it is up); they resume once its torchft manager exists, before its
+        # join quorum. Paused past the heartbeat timeout, they count as dead until they heartbeat again.
+        paused = [c for s in range(last) for c in psutil.Process(procs[f"slot{s}"].pid).children(recursive=True)]
+        for c in paused:
+            c.suspend()
+        try:
+            procs["restarted"] = _start(_trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
+            _wait_for(lambda: "Started CheckpointServer" in (logs[last].read_text(errors="replace")
+                                                            if logs[last].exists() else ""), 300,
+                      "the restarted job's torchft manager", [procs["restarted"]])
+        finally:
+            for c in paused:
+                c.resume()
         for s in range(last):
             assert _reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
         assert _reap(procs["restarted"], 300) == 0, logs[last].read_text(errors="replace")[-4000:]
@@ -412,21 +429,25 @@ def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1
         lh.stop()
     assert "quorum at inner step" in killed_log and f"iteration {iters:>9}/" not in killed_log
     q = {s: _quorums(logs[s]) for s in range(k)}
-    # the restarted job healed at its join and took part in later syncs
-    assert any(h for _, _, _, h in q[last]), q[last][:3]
+    # the restarted job healed from a live peer (at its join quorum, or, having started alone while the
+    # survivors were paused, when it met them: "healed ...; continues at iteration") and took part in
+    # later syncs
+    restarted_log = logs[last].read_text(errors="replace")
+    assert any(h for _, _, _, h in q[last]) or "healed from a live peer; continues at" in restarted_log, q[last][:3]
     assert any(last in live for step, live, _, h in q[last] if not h and step > 10), q[last]
     # survivors ran without the killed slot for a while, and with it again at the end
     assert any(live == tuple(range(last)) for _, live, _, _ in q[0]), q[0]
     assert q[0][-1][1] == tuple(range(k)), q[0][-1]
     # at every quorum, every replica that reports it holds the same θ(t) (digest of every fragment)
-    # (the end of training syncs the remaining fragment at the last step: a step's n-th quorum is the key)
+    # (one quorum = inner step, its n-th quorum at that step (the end of training syncs the remaining
+    # fragment at the last step), live slots)
     by_step: Dict[tuple, set] = {}
     for s in range(k):
         seen: Dict[int, int] = {}
         for step, live, digest, _ in q[s]:
             if step >= 0:
                 seen[step] = seen.get(step, 0) + 1
-                by_step.setdefault((step, seen[step]), set()).add(digest)
+                by_step.setdefault((step, seen[step], live), set()).add(digest)
     assert by_step and all(len(d) == 1 for d in by_step.values()), {st: d for st, d in by_step.items() if len(d) > 1}
     # the same global model on every replica: the same validation loss on the same batches
     import re

@@ -179,6 +179,7 @@ class TorchFTReplicas(ReplicaTransport):
         self._void = False
         self._primed = False
         self._twice = 0  # consecutive quorums with a slot claimed twice
+        self._healed_step: Optional[int] = None
         self._position: Callable[[], Tuple[int, int]] = lambda: (-1, 0)
         self._joined = False
         self.peer_step = -1  # the running members' inner step at the last quorum (-1: none running)
@@ -215,6 +216,16 @@ class TorchFTReplicas(ReplicaTransport):
         :meth:`mark_joined` this replica reports (-1, 0) (joining: contributes nothing)."""
         self._user = (state_dict, load_state_dict)
         self._position = position
+
+    def note_healed_step(self, step: int) -> None:
+        """The loader of :meth:`register_state` records the inner step of the state it healed; the
+        trainer takes it (:meth:`take_healed_step`) once the sync in which it healed is over."""
+        self._healed_step = step
+
+    def take_healed_step(self) -> Optional[int]:
+        """The inner step of the state healed since the last call (None: no heal)."""
+        step, self._healed_step = self._healed_step, None
+        return step
 
     def mark_joined(self) -> None:
         """This replica is in step with the run (its join quorum is done): from now on it contributes."""

@@ -77,7 +77,12 @@ def attach(sync, transport: TorchFTReplicas) -> None:
         return s
 
     def load(s):
+        # The inner-step counter stays this replica's until the sync it heals in is over (the outer loop
+        # is in the middle of its own schedule); join() / realign() then move it to the healed step.
+        own_step = sync.step
         sync.load_state_dict(s)
+        sync.step = own_step
+        transport.note_healed_step(int(s["step"]))
         for f in sync.fragments:
             f.restore()  # θ(t) into the model and the fp32 masters
 
@@ -101,14 +106,15 @@ def join(trainer) -> None:
         realign(trainer)  # one that resumed from an older checkpoint healed to the others' position
         trainer.log(f"fault tolerance: slot {t.slot} started with the live slots {list(t.live)}")
         return
+    t.take_healed_step()  # the others' step, which this replica takes now (below)
     sync.step = step  # healed: already; joined the first sync without a heal: θ(t) = θ(0) here and there
     due = [f.index for f in sync.fragments if f.due(step)]
     assert len(due) == 1, (step, due)
     t.prime()
     sync.sync(due[0])  # nothing of ours in it (model = θ(t), not counted); θ(t+1) as everywhere
+    trainer.scheduler.step(increment=step - trainer.iteration)
     trainer.iteration = step
     trainer.batches.consumed_samples = step * trainer.global_batch_size  # (slot, iteration) -> data position
-    trainer.scheduler.step(increment=step)
     trainer.log(f"fault tolerance: slot {t.slot} joined at iteration {step} "
                 f"({'healed from a live peer' if t.heals else 'no heal needed'}); live slots {list(t.live)}")
 
@@ -116,9 +122,10 @@ def join(trainer) -> None:
 def realign(trainer) -> None:
     """After an iteration: a replica that fell behind and healed in the middle of one of its own syncs
     continues from the healed inner step (data position and learning-rate schedule with it)."""
-    step = trainer.sync.step
-    if step != trainer.iteration:
+    step = trainer.sync.transport.take_healed_step()
+    if step is not None and step != trainer.iteration:
         assert step > trainer.iteration, (step, trainer.iteration)  # a heal only moves forward
+        trainer.sync.step = step
         trainer.scheduler.step(increment=step - trainer.iteration)
         trainer.iteration = step
         trainer.batches.consumed_samples = step * trainer.global_batch_size
