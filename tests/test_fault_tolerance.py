@@ -396,6 +396,12 @@ def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1
     try:
         for s in range(k):
             procs[f"slot{s}"] = _start(_trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
+            if s == 0 and k == 2:
+                # min_replicas 1 (a lone survivor must go on): two jobs starting at the same moment can each
+                # form a quorum alone (torchft's fast quorum) and train apart until they meet; start slot 0
+                # first, so that slot 1 joins its run
+                _wait_for(lambda: any(st >= 0 for st, _, _, _ in _quorums(logs[0])), 300, "slot 0's first sync",
+                          [procs["slot0"]])
         _wait_for(lambda: _iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
                   list(procs.values()))
         _kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
@@ -472,3 +478,47 @@ def test_two_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordinate
     """K = 2 jobs of 2 ranks each (inner-DP 2, one torchft Manager per rank, local rank 0 hosting the
     replica's manager server), PPU 1/2: slot 1's job killed and restarted (see the helper)."""
     _kill_and_restart_the_last_slot(tmp_path, k=2, iters=80, nproc=2, extra=["--ppu-slices", "2"])
+
+
+@pytest.mark.timeout(900)
+def test_two_replica_jobs_int8_error_feedback_one_killed_restarted_heals(tmp_path):
+    """K = 2 single-rank jobs, int8 payload with error feedback (our quantized path over the torchft
+    group, on CPU), PPU 1/2: slot 1's job killed mid-round and restarted; it heals with a fresh residual
+    (see the helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=2, iters=80, extra=[
+        "--ppu-slices", "2", "--diloco-allreduce-dtype", "int8", "--diloco-error-feedback"])
+
+
+@pytest.mark.timeout(600)
+def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both(tmp_path):
+    """A replica job runs (K = 2, PPU 1/2); a second job with another --hidden-size and --ppu-slices
+    joins: it exits with an error naming hidden_size and ppu_slices; the running job finishes (exit 0)."""
+    lh = Lighthouse(tmp_path, min_replicas=1, join_timeout_s=60)
+    logs = {s: tmp_path / f"slot{s}.log" for s in range(2)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        procs["slot0"] = _start(_trainer_cmd(0, 2, lh, 120, extra=["--ppu-slices", "2"]), logs[0])
+        _wait_for(lambda: _iteration(logs[0]) >= 4, 300, "the running job to train", [procs["slot0"]])
+        paused = psutil.Process(procs["slot0"].pid).children(recursive=True)  # until the joiner is up
+        for c in paused:
+            c.suspend()
+        try:
+            procs["slot1"] = _start(_trainer_cmd(1, 2, lh, 120, extra=["--ppu-slices", "1", "--hidden-size", "64"]),
+                                    logs[1])
+            _wait_for(lambda: "Started CheckpointServer" in (logs[1].read_text(errors="replace")
+                                                            if logs[1].exists() else ""), 300,
+                      "the joiner's torchft manager", [procs["slot1"]])
+        finally:
+            for c in paused:
+                c.resume()
+        assert _reap(procs["slot1"], 300) != 0
+        err = logs[1].read_text(errors="replace")
+        refusal = [line for line in err.splitlines() if "settings differ" in line]
+        assert refusal and "hidden_size" in refusal[0] and "ppu_slices" in refusal[0], err[-3000:]
+        assert _reap(procs["slot0"], 600) == 0, logs[0].read_text(errors="replace")[-4000:]
+    finally:
+        for p in procs.values():
+            _kill_tree(p)
+            p.wait(timeout=30)
+        lh.stop()
+    assert "validation loss at iteration 120" in logs[0].read_text(errors="replace")
