@@ -62,6 +62,15 @@ def _kill_tree(p: subprocess.Popen) -> None:
     psutil.wait_procs(kids, timeout=30)
 
 
+def _each(procs, action: str) -> None:
+    """``psutil.Process.<action>()`` on each of ``procs`` that still exists."""
+    for c in procs:
+        try:
+            getattr(c, action)()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _reap(p: subprocess.Popen, timeout: float = 30.0) -> int:
     """Wait for ``p``; on timeout kill it and its descendants (by PID) and wait again."""
     try:
@@ -415,16 +424,14 @@ def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1
         # finish the run before it is up); they resume once its torchft manager exists, before its
         # join quorum. Paused past the heartbeat timeout, they count as dead until they heartbeat again.
         paused = [c for s in range(last) for c in psutil.Process(procs[f"slot{s}"].pid).children(recursive=True)]
-        for c in paused:
-            c.suspend()
+        _each(paused, "suspend")
         try:
             procs["restarted"] = _start(_trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
             _wait_for(lambda: "Started CheckpointServer" in (logs[last].read_text(errors="replace")
                                                             if logs[last].exists() else ""), 300,
                       "the restarted job's torchft manager", [procs["restarted"]])
         finally:
-            for c in paused:
-                c.resume()
+            _each(paused, "resume")
         for s in range(last):
             assert _reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
         assert _reap(procs["restarted"], 300) == 0, logs[last].read_text(errors="replace")[-4000:]
@@ -500,8 +507,7 @@ def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both
         procs["slot0"] = _start(_trainer_cmd(0, 2, lh, 120, extra=["--ppu-slices", "2"]), logs[0])
         _wait_for(lambda: _iteration(logs[0]) >= 4, 300, "the running job to train", [procs["slot0"]])
         paused = psutil.Process(procs["slot0"].pid).children(recursive=True)  # until the joiner is up
-        for c in paused:
-            c.suspend()
+        _each(paused, "suspend")
         try:
             procs["slot1"] = _start(_trainer_cmd(1, 2, lh, 120, extra=["--ppu-slices", "1", "--hidden-size", "64"]),
                                     logs[1])
@@ -509,8 +515,7 @@ def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both
                                                             if logs[1].exists() else ""), 300,
                       "the joiner's torchft manager", [procs["slot1"]])
         finally:
-            for c in paused:
-                c.resume()
+            _each(paused, "resume")
         assert _reap(procs["slot1"], 300) != 0
         err = logs[1].read_text(errors="replace")
         refusal = [line for line in err.splitlines() if "settings differ" in line]
