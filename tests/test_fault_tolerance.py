@@ -399,26 +399,25 @@ def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1
     last = k - 1
     # stragglers (a slow replica on this loaded machine) are waited for; a dead one is dropped after the
     # heartbeat timeout (the lighthouse waits for heartbeating replicas only)
-    lh = Lighthouse(tmp_path, min_replicas=max(1, k - 1), join_timeout_s=60)
+    # min_replicas 2 (a majority of K = 3, K - 1 of 4): no replica ever forms a quorum alone, so none
+    # can train apart from the run (a lone starter or a restarted job while the survivors are paused)
+    assert k >= 3
+    lh = Lighthouse(tmp_path, min_replicas=max(2, k - 1), join_timeout_s=60)
     logs = {s: tmp_path / f"slot{s}.log" for s in range(k)}
     procs: Dict[str, subprocess.Popen] = {}
     try:
         for s in range(k):
             procs[f"slot{s}"] = _start(_trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
-            if s == 0 and k == 2:
-                # min_replicas 1 (a lone survivor must go on): two jobs starting at the same moment can each
-                # form a quorum alone (torchft's fast quorum) and train apart until they meet; start slot 0
-                # first, so that slot 1 joins its run
-                _wait_for(lambda: any(st >= 0 for st, _, _, _ in _quorums(logs[0])), 300, "slot 0's first sync",
-                          [procs["slot0"]])
         _wait_for(lambda: _iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
                   list(procs.values()))
         _kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
         assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
         killed_log = logs[last].read_text(errors="replace")
         logs[last].rename(tmp_path / "killed.log")
-        # the survivors go on without it: wait for two of their syncs without the killed slot
-        _wait_for(lambda: sum(1 for _, live, _, _ in _quorums(logs[0]) if live == tuple(range(last))) >= 2, 300,
+        # the survivors go on without it: wait for two of their syncs without the killed slot, after the kill
+        before = len(_quorums(logs[0]))
+        _wait_for(lambda: sum(1 for _, live, _, _ in _quorums(logs[0])[before:] if live == tuple(range(last))) >= 2,
+                  300,
                   "two syncs of the survivors without the killed slot", [procs[f"slot{s}"] for s in range(last)])
         # Pause the survivors' workers while the restarted job starts (on a fast machine they would
         # finish the run before it is up); they resume once its torchft manager exists, before its
@@ -481,19 +480,19 @@ def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_ide
 
 
 @pytest.mark.timeout(900)
-def test_two_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordinate(tmp_path):
-    """K = 2 jobs of 2 ranks each (inner-DP 2, one torchft Manager per rank, local rank 0 hosting the
-    replica's manager server), PPU 1/2: slot 1's job killed and restarted (see the helper)."""
-    _kill_and_restart_the_last_slot(tmp_path, k=2, iters=80, nproc=2, extra=["--ppu-slices", "2"])
+def test_three_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordinate(tmp_path):
+    """K = 3 jobs of 2 ranks each (inner-DP 2, one torchft Manager per rank, local rank 0 hosting the
+    replica's manager server), no PPU (3 slots): slot 2's job killed and restarted (see the helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, nproc=2)
 
 
 @pytest.mark.timeout(900)
-def test_two_replica_jobs_int8_error_feedback_one_killed_restarted_heals(tmp_path):
-    """K = 2 single-rank jobs, int8 payload with error feedback (our quantized path over the torchft
-    group, on CPU), PPU 1/2: slot 1's job killed mid-round and restarted; it heals with a fresh residual
-    (see the helper)."""
-    _kill_and_restart_the_last_slot(tmp_path, k=2, iters=80, extra=[
-        "--ppu-slices", "2", "--diloco-allreduce-dtype", "int8", "--diloco-error-feedback"])
+def test_three_replica_jobs_int8_error_feedback_one_killed_restarted_heals(tmp_path):
+    """K = 3 single-rank jobs, int8 payload with error feedback (our quantized path over the torchft
+    group, on CPU): slot 2's job killed mid-round and restarted; it heals with a fresh residual (see the
+    helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, extra=[
+        "--diloco-allreduce-dtype", "int8", "--diloco-error-feedback"])
 
 
 @pytest.mark.timeout(600)

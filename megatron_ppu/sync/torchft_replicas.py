@@ -330,10 +330,25 @@ class TorchFTReplicas(ReplicaTransport):
             self._void = True
             self._live = ()
             return self._live
-        if len({int(table[k, 2]) for k in running}) > 1 or len({int(table[k, 3]) for k in running}) > 1:
-            raise RuntimeError("the running replicas are out of step: (slot, inner step, θ(t) digest) = "
-                               f"{[(k, int(table[k, 2]), int(table[k, 3])) for k in running]}; their global models "
-                               "should be bit-identical after every sync (a bug, not a user error).")
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for k in running:
+            groups.setdefault((int(table[k, 2]), int(table[k, 3])), []).append(k)
+        if len(groups) > 1:
+            # Running replicas whose (inner step, θ(t)) differ trained apart (e.g. two that started at the
+            # same moment each formed a quorum alone): the larger group (ties: the one with the lowest slot)
+            # is the run; a replica of another group stops here (restarted, it heals from the run), the
+            # others void this sync.
+            ref = max(groups.values(), key=lambda ks: (len(ks), -min(ks)))
+            if self.slot not in ref:
+                raise RuntimeError(
+                    f"replica slot {self.slot} trained apart from the run (slots {ref}): (slot, inner step, θ(t) "
+                    f"digest) = {[(k, int(table[k, 2]), int(table[k, 3])) for k in running]}. Restart it: it heals "
+                    "from the running replicas (torchrun --max-restarts does it). Avoid it with the lighthouse's "
+                    "--min_replicas above K/2.")
+            logger.warning("sync voided: slots %s trained apart from the run %s", sorted(set(running) - set(ref)), ref)
+            self._void = True
+            self._live = ()
+            return self._live
         if healed:
             self._apply_healed()
         self._live = tuple(running)
@@ -365,6 +380,9 @@ class TorchFTReplicas(ReplicaTransport):
              residual: Optional[torch.Tensor] = None) -> int:
         if not self._live or self.manager.errored() is not None:
             return 0
+        if self.slot not in self._live:  # a member that does not contribute (healed now) adds nothing
+            buf.zero_()
+            residual = None
         host = buf if buf.device.type == "cpu" else buf.to("cpu")
         res = residual if residual is None or residual.device.type == "cpu" else residual.to("cpu")
         handed = [0]
