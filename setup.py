@@ -20,7 +20,12 @@ setup(
         # torch is deliberately unpinned here: scripts/setup_env.sh installs the CPU
         # build first where no CUDA torch is present (an unpinned resolve would pull
         # several GB of CUDA wheels).
-        "torch>=2.6",
+        # torch and torchft move together (--fault-tolerance torchft): torchft 0.2.0 needs
+        # torch >= 2.7 and is what 2.13 runs with; torchft 0.3 needs torch >= 2.14 and cannot talk
+        # to 0.2 (a 0.3 manager against a 0.2 lighthouse retries forever), so every process of a
+        # run must have the same pair. Raise both together.
+        "torch>=2.7,<2.14",
+        "torchft==0.2.0",
         *MEGATRON_CORE_REQUIREMENTS,
         "numpy",
         "einops",

@@ -1,7 +1,7 @@
 """The settings of megatron_ppu's features, each defined once.
 
 One frozen dataclass per feature (:class:`PPUConfig`, :class:`DiLoCoConfig`,
-:class:`SubnetConfig`) holds the library defaults, the help text and the command-line flag
+:class:`SubnetConfig`, :class:`FaultToleranceConfig`) holds the library defaults, the help text and the command-line flag
 of every setting: a field made with :func:`setting` becomes the flag
 ``--<FLAG_PREFIX>-<field-name>`` of ``pretrain_gpt_ppu.py`` (``DiLoCoConfig.local_steps`` is
 ``--diloco-local-steps``), or the flag named in its ``flag`` metadata where Megatron-style
@@ -433,5 +433,149 @@ def validate_subnet_config(cfg: SubnetConfig, *, num_slices: int, num_replicas: 
         raise ValueError("--subnet-coverage applies to --subnet-plan blocks only (neurons/ppu: 1/--ppu-slices).")
 
 
+# -------------------------------------------------------------------- fault tolerance (torchft)
+FT_MODES = ("none", "torchft")
+#: The torchft release the wire protocol and the bind patch (``patches/torchft.py``) are written for.
+TORCHFT_VERSION = "0.2.0"
+
+
+@dataclass(frozen=True)
+class FaultToleranceConfig:
+    """Replicas as independent jobs (issue 24): ``--fault-tolerance torchft``.
+
+    Each replica is its own torchrun job (its world: TP x PP x inner-DP) in slot
+    ``--ft-replica-id`` K of ``--diloco-replicas``; torchft's lighthouse forms a quorum per fragment
+    sync, a replica that dies is left out of the next quorum, one that (re)joins heals from a live
+    peer. ``none`` (the default) is today's single world, unchanged.
+
+    Attributes:
+        mode: ``"none"`` or ``"torchft"``.
+        lighthouse: ``HOST:PORT`` of the ``torchft_lighthouse`` of the run.
+        replica_id: this job's slot K, 0 <= K < ``--diloco-replicas`` (its PPU slice ``K mod N``,
+            its SDP holdings, its data shard); a restarted replica keeps its slot.
+        bind_address: the IP address every server this replica opens for the others (torchft's
+            manager server, its checkpoint (heal) server, the gloo pairs) listens on and advertises;
+            never the wildcard.
+        min_replicas: fewest live replicas with which a sync may commit.
+        timeout: seconds a cross-replica collective, a commit vote or a heal transfer may take
+            before the sync is discarded and the member in fault is left out of the next quorum.
+        quorum_timeout: seconds a replica waits for a quorum; must exceed the longest time between
+            two fragment syncs (H / F inner steps) plus a restart of a replica that others wait for.
+        connect_timeout: seconds to reach the lighthouse and the peers' manager servers.
+        heartbeat_interval: seconds between this replica's heartbeats to the lighthouse; the
+            lighthouse's ``--heartbeat_timeout_ms`` (how soon a silent replica is declared dead)
+            must be several intervals (see the README's "Several sites").
+    """
+
+    FLAG_PREFIX: ClassVar[str] = "ft"
+
+    mode: str = setting("none", "none: every replica in one torchrun world (a failure anywhere stops the run); "
+                                "torchft: each replica its own torchrun job, joined through a torchft lighthouse "
+                                "(survives the loss of replicas, joiners heal from a live peer).",
+                        flag="--fault-tolerance", choices=list(FT_MODES))
+    lighthouse: Optional[str] = setting(None, "HOST:PORT of the run's torchft_lighthouse (--fault-tolerance torchft).")
+    replica_id: Optional[int] = setting(None, "This job's replica slot K, 0 <= K < --diloco-replicas: its PPU slice "
+                                              "K mod N, SDP holdings and data shard (--fault-tolerance torchft).")
+    bind_address: str = setting("127.0.0.1", "IP address the replica's servers for the other replicas (torchft "
+                                             "manager, heal checkpoint server, gloo) listen on and advertise; the "
+                                             "address the other sites reach this one at. Never the wildcard.")
+    min_replicas: int = setting(1, "Fewest live replicas with which a fragment sync may commit.")
+    timeout: float = setting(60.0, "Seconds a cross-replica reduction, commit vote or heal transfer may take before "
+                                   "the sync is discarded (WAN: above the slowest fragment's transfer time).")
+    quorum_timeout: float = setting(1800.0, "Seconds to wait for a quorum; must exceed the longest gap between two "
+                                            "fragment syncs (H/F inner steps) on the slowest replica.")
+    connect_timeout: float = setting(60.0, "Seconds to reach the lighthouse and the peers' manager servers.")
+    heartbeat_interval: float = setting(1.0, "Seconds between heartbeats to the lighthouse (its "
+                                             "--heartbeat_timeout_ms should be several of these).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode == "torchft"
+
+
+def _host_port(value: str) -> Tuple[str, int]:
+    """``(host, port)`` of ``HOST:PORT`` / ``[V6]:PORT``; ValueError otherwise."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--ft-lighthouse {value!r} is not HOST:PORT (e.g. 10.0.0.5:29510, the --bind of "
+                         "torchft_lighthouse).")
+    return host.strip("[]"), int(port)
+
+
+def check_bind_address(address: str) -> None:
+    """``--ft-bind-address`` must be one IP address of this host, not the wildcard."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"--ft-bind-address {address!r} is not an IP address: give the address of the interface "
+                         "the other replicas reach this one at (e.g. 10.0.0.7; 127.0.0.1 for one host).") from None
+    if ip.is_unspecified:
+        raise ValueError(f"--ft-bind-address {address}: the wildcard would expose the replica's servers on every "
+                         "interface; give the address of the one interface the other replicas reach this one at.")
+
+
+def validate_fault_tolerance_config(cfg: FaultToleranceConfig, *, num_replicas: Optional[int], uses_outer_loop: bool,
+                                    explicit: frozenset = frozenset(), sync_delay: int = 0) -> None:
+    """Raise ``ValueError`` naming the flag and the fix; ``explicit``: the dests given on the command
+    line (an ``--ft-*`` flag given without ``--fault-tolerance torchft`` is refused, not ignored)."""
+    if cfg.mode not in FT_MODES:
+        raise ValueError(f"--fault-tolerance must be one of {', '.join(FT_MODES)}, got {cfg.mode!r}.")
+    if not cfg.enabled:
+        given = sorted(field_flag(f, FaultToleranceConfig.FLAG_PREFIX) for f, _, dest
+                       in cli_fields(FaultToleranceConfig) if dest in explicit and f.name != "mode")
+        if given:
+            raise ValueError(f"{', '.join(given)} {'configures' if len(given) == 1 else 'configure'} "
+                             f"--fault-tolerance torchft; with --fault-tolerance none "
+                             "(one torchrun world) they would be ignored. Add --fault-tolerance torchft or drop them.")
+        return
+    missing = [flag for flag, v in (("--ft-lighthouse", cfg.lighthouse), ("--ft-replica-id", cfg.replica_id),
+                                    ("--diloco-replicas", num_replicas)) if v is None]
+    if missing:
+        raise ValueError(f"--fault-tolerance torchft needs {', '.join(missing)}: the lighthouse to join, this job's "
+                         "replica slot and the number of slots K of the run.")
+    if not uses_outer_loop:
+        raise ValueError("--fault-tolerance torchft synchronises replicas at the DiLoCo outer sync; give "
+                         "--diloco-local-steps > 0 (per-step synchronisation, --diloco-local-steps 0 or "
+                         "--subnet-sync step, has no point at which a replica may leave or join).")
+    if sync_delay > 0:
+        raise ValueError("--diloco-sync-delay > 0 with --fault-tolerance torchft is not implemented yet (a replica "
+                         "joining while a delayed reduction is in flight cannot heal); use --diloco-sync-delay 0.")
+    if not 0 <= cfg.replica_id < num_replicas:
+        raise ValueError(f"--ft-replica-id {cfg.replica_id} is not a slot of --diloco-replicas {num_replicas}: "
+                         f"give 0 <= K < {num_replicas}.")
+    _host_port(cfg.lighthouse)
+    check_bind_address(cfg.bind_address)
+    if not 1 <= cfg.min_replicas <= num_replicas:
+        raise ValueError(f"--ft-min-replicas {cfg.min_replicas} must be in [1, --diloco-replicas {num_replicas}].")
+    for flag, v in (("--ft-timeout", cfg.timeout), ("--ft-quorum-timeout", cfg.quorum_timeout),
+                    ("--ft-connect-timeout", cfg.connect_timeout), ("--ft-heartbeat-interval", cfg.heartbeat_interval)):
+        if not v > 0:
+            raise ValueError(f"{flag} must be > 0 seconds, got {v}.")
+    if cfg.quorum_timeout < cfg.timeout:
+        raise ValueError(f"--ft-quorum-timeout {cfg.quorum_timeout} is below --ft-timeout {cfg.timeout}: a quorum "
+                         "waits for the slowest replica's whole round; raise --ft-quorum-timeout.")
+    if cfg.heartbeat_interval >= cfg.timeout:
+        raise ValueError(f"--ft-heartbeat-interval {cfg.heartbeat_interval} must be below --ft-timeout "
+                         f"{cfg.timeout}.")
+    check_torchft_installed()
+
+
+def check_torchft_installed() -> None:
+    """``ValueError`` with the install command unless torchft ``TORCHFT_VERSION`` is importable."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("torchft")
+    except PackageNotFoundError:
+        found = None
+    if found != TORCHFT_VERSION:
+        raise ValueError(f"--fault-tolerance torchft needs torchft=={TORCHFT_VERSION} (found "
+                         f"{found or 'none'}); install it with `pip install torchft=={TORCHFT_VERSION}` (the set-up, "
+                         "scripts/setup_env.sh, does). Every process of a run must use the same torchft: 0.3 cannot "
+                         "talk to 0.2.")
+
+
 #: The feature settings, in the order of ``pretrain_gpt_ppu.py --help``.
-FEATURES: List[type] = [PPUConfig, DiLoCoConfig, SubnetConfig]
+FEATURES: List[type] = [PPUConfig, DiLoCoConfig, SubnetConfig, FaultToleranceConfig]

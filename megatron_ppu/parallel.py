@@ -32,6 +32,7 @@ Example, 8 ranks, TP=2, PP=1, K=2 replicas of inner_dp=2: replica 0 = ranks 0-3,
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from dataclasses import dataclass, field, fields
@@ -243,6 +244,17 @@ def build_replica_layout(num_replicas: int, *, timeout: Optional[timedelta] = No
         inner_dp_group=inner_group, replica_world_group=replica_world,
         replica_ranks=sorted(members_of[k]), timeout=timeout,
     )
+
+
+def build_ft_replica_layout(num_slots: int, slot: int, *, timeout: Optional[timedelta] = None) -> ReplicaLayout:
+    """``--fault-tolerance torchft``: this torchrun world is one replica, in slot ``slot`` of
+    ``num_slots`` (collective over the world). Its groups are the replica's own (every DP rank is
+    inner-DP); ``num_replicas`` / ``replica_index`` are the run's K and this job's slot (the PPU slice
+    ``slot mod N``, SDP holdings); there is no static cross-replica group (``replica_group`` None:
+    :class:`~megatron_ppu.sync.torchft_replicas.TorchFTReplicas` forms it per quorum)."""
+    assert 0 <= slot < num_slots, (slot, num_slots)
+    local = build_replica_layout(1, timeout=timeout)
+    return dataclasses.replace(local, num_replicas=num_slots, replica_index=slot, replica_group=None)
 
 
 def placement_report(replicas: Dict[int, List[int]], hosts: List[str]) -> List[tuple]:

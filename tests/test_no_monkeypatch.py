@@ -57,6 +57,13 @@ ALLOWED = {
     **{("megatron_ppu/data/tokenizer_training.py", "lines_of", "counters." + c): "the enclosing function's "
        "statistics object (megatron_ppu's own counters dataclass, an annotated parameter there), filled in as "
        "the documents are read" for c in ("long_lines_split", "sentences", "training_bytes")},
+    **{("megatron_ppu/training/fault_tolerance.py", f, t): "the Trainer (megatron_ppu's own) whose position a "
+       "joining / healed replica takes from the running replicas (as resuming from a checkpoint sets it)"
+       for f in ("join", "realign") for t in ("trainer.iteration", "trainer.batches.consumed_samples")},
+    **{("megatron_ppu/training/fault_tolerance.py", f, t): "DiLoCoSync's (megatron_ppu's own) inner-step "
+       "counter, set to the running replicas' step at the join / after a heal, kept during the sync a heal "
+       "happens in (its load_state_dict sets it the same way)"
+       for f, t in (("join", "sync.step"), ("load", "sync.step"), ("realign", "trainer.sync.step"))},
     ("megatron_ppu/norms.py", "_mark_sequence_parallel", "setattr(p)"):
         "TorchNorm.__init__ marks its own parameters with `sequence_parallel`, the documented attribute "
         "Megatron's finalize_model_grads reads (as apex's and TE's norms set it)",

@@ -195,7 +195,9 @@ def quantized_all_reduce_(flat: torch.Tensor, group, kind: str, block: int = DEF
         flat.copy_(out)
         return 0
 
-    rank = dist.get_rank(group)
+    # the group's own rank: also right for a process group not registered with torch.distributed
+    # (torchft's reconfigurable cross-replica group, sync/torchft_replicas.py)
+    rank = group.rank() if group is not None else dist.get_rank()
     chunk, nb, row = _chunk_layout(n, world, block)
     xp = torch.nn.functional.pad(x, (0, world * chunk - n))
     payload, scales = _quantize_blocks(xp.view(world * nb, block), kind)

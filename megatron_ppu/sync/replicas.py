@@ -85,6 +85,14 @@ class ReplicaTransport(abc.ABC):
         so that it never shares a process group with the training thread's collectives. Static:
         collective over the world at the call (clones every group in the same order everywhere)."""
 
+    def state_dict(self) -> dict:
+        """What a replica's own checkpoint keeps of the transport (a fault-tolerant one: which
+        slots contributed to each committed sync); empty for the static world."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` from the replica's own checkpoint."""
+
 
 def clone_on_every_rank(group, timeout: Optional[timedelta] = None):
     """A dedicated clone (same ranks, ``backend=None``) of this rank's ``group`` (None stays None),

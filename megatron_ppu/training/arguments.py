@@ -35,11 +35,13 @@ from typing import Dict, List, Optional, Sequence, get_args, get_origin
 from ..config import (
     FEATURES,
     DiLoCoConfig,
+    FaultToleranceConfig,
     PPUConfig,
     SubnetConfig,
     cli_fields,
     field_flag,  # noqa: F401 (re-exported: the flag of a settings field)
     validate_diloco_config,
+    validate_fault_tolerance_config,
     validate_ppu_config,
     validate_subnet_config,
 )
@@ -57,7 +59,7 @@ MEGATRON_GROUPS = [ModelArgs, TrainingArgs, PrecisionArgs, ParallelArgs, DataArg
 GROUPS = MEGATRON_GROUPS + FEATURES
 #: The attribute of :class:`TrainArgs` holding each group.
 GROUP_ATTR = dict(zip(GROUPS, ("model", "training", "precision", "parallel", "data", "checkpoint",
-                               "ppu", "diloco", "subnet")))
+                               "ppu", "diloco", "subnet", "fault_tolerance")))
 
 
 @dataclass
@@ -80,6 +82,7 @@ class TrainArgs:
     embedded_default: bool = False
     #: Values of options a caller's parser added (``build_parser(extra=...)``): dest -> value.
     extra: dict = field(default_factory=dict)
+    fault_tolerance: FaultToleranceConfig = field(default_factory=FaultToleranceConfig)
 
     @property
     def uses_replicas(self) -> bool:
@@ -289,6 +292,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, *, parser: Optional[argpars
                      data=DataArgs(**groups[DataArgs]), checkpoint=CheckpointArgs(**groups[CheckpointArgs]),
                      ppu=ppu, diloco=DiLoCoConfig(**groups[DiLoCoConfig]), subnet=subnet,
                      explicit_flags=explicit, accepted=tuple(accepted), embedded_default=embedded,
+                     fault_tolerance=FaultToleranceConfig(**groups[FaultToleranceConfig]),
                      extra=values)  # what is left: the options a caller's parser added
     validate_args(args, world_size=world_size if world_size is not None else _world_size_from_env(),
                   for_training=for_training)
@@ -402,6 +406,11 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None, for_training: 
     if not a.uses_replicas and dl.num_replicas not in (None, 1):
         raise ValueError("--diloco-replicas needs --diloco-local-steps > 0 (synchronous DDP has one replica).")
     dp = data_parallel_size(a, world_size)
+    ft = a.fault_tolerance
+    validate_fault_tolerance_config(ft, num_replicas=dl.num_replicas, uses_outer_loop=a.uses_replicas and
+                                    sn.sync == "outer", explicit=a.explicit_flags, sync_delay=dl.sync_delay)
+    if ft.enabled and dp is not None:
+        dp *= dl.num_replicas  # each torchrun job is one replica: the run's data parallelism is K x the job's
     k = replica_count(a, dp)
     validate_diloco_config(dl, data_parallel_size=dp if a.uses_replicas else None)
     validate_subnet_config(sn, num_slices=ppu.num_slices, num_replicas=k, num_layers=m.num_layers)

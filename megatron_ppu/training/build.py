@@ -45,7 +45,7 @@ from ..comm import group_timeout
 from ..config import DiLoCoConfig, PPUConfig
 from ..optimizer import build_inner_optimizer, build_param_scheduler, finalize_grads_func, wrap_model_ddp
 from ..ownership import OwnershipPlan, build_ownership_plan
-from ..parallel import ReplicaLayout, build_replica_layout, initialize_model_parallel
+from ..parallel import ReplicaLayout, build_ft_replica_layout, build_replica_layout, initialize_model_parallel
 from ..patches import compat
 from ..spec import get_gpt_decoder_ppu_spec
 from ..subnet import SubnetConfig, apply_block_plan, block_assignment, block_holders_fn
@@ -131,9 +131,11 @@ def build_run(args: TrainArgs) -> Run:
     layout = _build_layout(a, dp)
     ppu, subnet = a.ppu, a.subnet
     ffn = ffn_hidden_size(a)
-    check_layout(a, layout.num_replicas, dp)  # the rest was validated at parse time
-    sched = _build_batches(a, dp)
-    data = _build_data(a, sched)
+    # --fault-tolerance torchft: this job is one replica (slot K); the run's data parallelism spans all K slots
+    run_dp = dp * layout.num_replicas if a.fault_tolerance.enabled else dp
+    check_layout(a, layout.num_replicas, run_dp)  # the rest was validated at parse time
+    sched = _build_batches(a, run_dp)
+    data = _build_data(a, sched, layout)
     dtype = torch.bfloat16 if a.precision.bf16 else torch.float16 if a.precision.fp16 else torch.float32
     config = _build_transformer_config(a, ffn, dtype, layout)
     _set_seeds(a.training.seed)
@@ -198,6 +200,9 @@ def _build_parallel_state(a: TrainArgs) -> int:
 def _build_layout(a: TrainArgs, dp: int) -> ReplicaLayout:
     # DP ranks form replicas for the DiLoCo outer loop and for per-step SDP; plain DDP is one replica
     replicas = (a.diloco.num_replicas or dp) if a.uses_replicas else 1
+    if a.fault_tolerance.enabled:  # this torchrun world is replica slot --ft-replica-id of K
+        return build_ft_replica_layout(replicas, a.fault_tolerance.replica_id,
+                                       timeout=group_timeout(a.parallel.distributed_timeout_minutes))
     return build_replica_layout(replicas, timeout=group_timeout(a.parallel.distributed_timeout_minutes))
 
 
@@ -209,7 +214,7 @@ def _build_batches(a: TrainArgs, dp: int) -> BatchSchedule:
     return BatchSchedule(gbs, num_microbatches, schedule)
 
 
-def _build_data(a: TrainArgs, sched: BatchSchedule) -> Data:
+def _build_data(a: TrainArgs, sched: BatchSchedule, layout: ReplicaLayout) -> Data:
     t, c, m = a.training, a.checkpoint, a.model
     resolved = D.resolve_data(a)  # the tokenizer gives the vocabulary size
     mult = m.make_vocab_size_divisible_by * a.parallel.tensor_model_parallel_size
@@ -218,8 +223,10 @@ def _build_data(a: TrainArgs, sched: BatchSchedule) -> Data:
     evals = t.train_iters // c.eval_interval + 2 if c.eval_interval else 2
     valid_samples = max(1, c.eval_iters) * gbs * evals
     train_ds, valid_ds = D.build_datasets(a, resolved, t.train_iters * gbs, valid_samples)
-    batches = D.ShardedBatches(train_ds, t.micro_batch_size, ps.get_data_parallel_rank(),
-                               ps.get_data_parallel_world_size())
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    if a.fault_tolerance.enabled:  # the shard of DP rank K x DP + d of the single world's K x DP ranks
+        dp_rank, dp_size = layout.replica_index * dp_size + dp_rank, layout.num_replicas * dp_size
+    batches = D.ShardedBatches(train_ds, t.micro_batch_size, dp_rank, dp_size)
     return Data(resolved, vocab, train_ds, valid_ds, batches)
 
 
@@ -359,10 +366,18 @@ def _build_synchroniser(a: TrainArgs, subnet: SubnetConfig, model: GPTModel, pla
                        lazy=subnet.masking == "forward", optimizer=optimizer)
     if a.diloco.enabled:
         outer: DiLoCoConfig = dataclasses.replace(a.diloco, num_replicas=layout.num_replicas)  # K resolved
-        # the other replicas: today's static sub-groups (a second transport plugs in here)
-        transport = StaticReplicas(layout.replica_group, timeout=layout.timeout)
-        return DiLoCoSync(model, plan, transport, outer, optimizer, inner_group=layout.inner_dp_group,
+        # the other replicas: today's static sub-groups, or torchft's quorum per sync (the one place that chooses)
+        if a.fault_tolerance.enabled:
+            from . import fault_tolerance
+
+            transport = fault_tolerance.build_transport(a, layout.num_replicas)
+        else:
+            transport = StaticReplicas(layout.replica_group, timeout=layout.timeout)
+        sync = DiLoCoSync(model, plan, transport, outer, optimizer, inner_group=layout.inner_dp_group,
                           timeout=layout.timeout, holders_fn=blocks.holders_fn if blocks is not None else None)
+        if a.fault_tolerance.enabled:
+            fault_tolerance.attach(sync, transport)
+        return sync
     # the gradient all-reduce over inner-DP (= every DP rank: one replica), counted for stats()
     return DDPSync(grad_sync=config.finalize_model_grads_func, grad_bytes=grad_buffer_bytes(ddp),
                    group_size=layout.inner_dp)

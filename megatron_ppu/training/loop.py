@@ -117,7 +117,8 @@ class Trainer:
     def checkpoint_state(self) -> TrainingState:
         """What a checkpoint saves and restores: the run's objects and its position."""
         return TrainingState(self.model, self.optimizer, self.scheduler, self.sync, self.plan,
-                             iteration=self.iteration, consumed_samples=self.batches.consumed_samples)
+                             iteration=self.iteration, consumed_samples=self.batches.consumed_samples,
+                             transport=getattr(self.sync, "transport", None))
 
     def save(self) -> str:
         """Collective: a checkpoint of this iteration into ``--save``; returns its path."""
@@ -298,8 +299,14 @@ class Trainer:
         self.log(self.describe())
         window: List[Dict[str, float]] = []
         start, self.final_eval = time.perf_counter(), {}
+        if a.fault_tolerance.enabled:  # join the run (heal from a live peer when it is under way)
+            from . import fault_tolerance
+
+            fault_tolerance.join(self)
         while self.iteration < a.training.train_iters:
             stats = self.train_step()
+            if a.fault_tolerance.enabled:  # healed after falling behind: continue from the peers' iteration
+                fault_tolerance.realign(self)
             it = self.iteration
             last = it == a.training.train_iters
             exiting = (c.exit_interval is not None and it % c.exit_interval == 0) or self._out_of_time()

@@ -122,6 +122,9 @@ def log_iterations(t, it: int, window: List[Dict[str, float]], elapsed: float, l
         scalars += [(f"{k}-time", v) for k, v in timers.items()]
     if c.log_memory_to_tensorboard:
         scalars += list(memory_stats().items())
+    if t.args.fault_tolerance.enabled:  # --fault-tolerance torchft: membership at the last quorum
+        ft = t.sync.transport
+        scalars += [("ft/live-replicas", len(ft.live)), ("ft/heals", ft.heals), ("ft/quorum-time", ft.last_quorum_s)]
     t.sinks.write(it, scalars)
 
 

@@ -60,6 +60,9 @@ def rank_contents(state: TrainingState, *, use_distributed_optimizer: bool) -> d
                "local_model": {k: v for k, v in state.model.state_dict().items() if isinstance(v, torch.Tensor)}}
     own = {"iteration": state.iteration, "consumed_samples": state.consumed_samples,
            "scheduler": state.scheduler.state_dict(), "plan": state.plan.to_dict(), "rng": rng_state()}
+    membership = state.transport.state_dict() if state.transport is not None else {}
+    if membership:  # --fault-tolerance torchft: which slots contributed to each committed sync
+        own["fault_tolerance"] = membership
     if use_distributed_optimizer:
         # Megatron's distributed optimizer: each inner-DP rank holds its own shard of the fp32
         # masters and moments ("dp_reshardable" form: this rank's bucket ranges, as they are).
@@ -127,6 +130,8 @@ def restore(state: TrainingState, own: dict, replica: dict, *, path: str, load_o
             "(the checkpoint's values), as in Megatron-LM.") from e
     if load_optim:
         state.sync.load_state_dict(replica["diloco"])
+    if state.transport is not None and "fault_tolerance" in own:
+        state.transport.load_state_dict(own["fault_tolerance"])
     if load_rng:
         set_rng_state(own["rng"])
     return Restored(own["iteration"], own["consumed_samples"], f"iteration {own['iteration']}")

@@ -46,6 +46,8 @@ class TrainingState:
         plan: the ownership plan; a resume requires the same plan on every rank.
         iteration: iterations trained so far.
         consumed_samples: training samples consumed so far (the data position).
+        transport: the outer loop's replica transport (:class:`~megatron_ppu.sync.replicas.ReplicaTransport`)
+            or None; its ``state_dict`` (a fault-tolerant run's membership history) is saved when not empty.
     """
 
     model: torch.nn.Module
@@ -55,6 +57,7 @@ class TrainingState:
     plan: "OwnershipPlan"
     iteration: int = 0
     consumed_samples: int = 0
+    transport: Any = None
 
     def weights_replaced(self) -> None:
         """The model's weights were loaded without the optimizer state that belongs to them:

@@ -1,0 +1,528 @@
+"""Replicas as independent jobs over torchft (issue 24): the transport, the bind patch, the flags.
+
+Every process is started by the test, reaped by its PID (process groups), its exit code checked;
+the lighthouse (torchft's own ``torchft_lighthouse``, on 127.0.0.1) is stopped by the test. The
+references are hand-computed: the sums of the known contributions of the live slots
+(``tests/ft_transport_worker.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+import psutil
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "ft_transport_worker.py"
+LIGHTHOUSE = pathlib.Path(sys.executable).parent / "torchft_lighthouse"
+HEARTBEAT_TIMEOUT_S = 5.0
+JOIN_TIMEOUT_S = 2.0
+
+pytestmark = pytest.mark.skipif(not LIGHTHOUSE.exists(), reason="torchft is not installed (scripts/setup_env.sh)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: List[str], log: pathlib.Path, env=None) -> subprocess.Popen:
+    env = dict(env if env is not None else os.environ, PYTHONUNBUFFERED="1")  # the test reads the logs live
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            start_new_session=True)
+
+
+def _kill_tree(p: subprocess.Popen) -> None:
+    """SIGKILL ``p``, every descendant (torchrun starts its workers in sessions of their own) and its
+    process group, each by PID."""
+    import psutil
+
+    try:
+        kids = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        kids = []
+    for c in kids:
+        try:
+            c.kill()
+        except psutil.NoSuchProcess:
+            pass
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    psutil.wait_procs(kids, timeout=30)
+
+
+def _each(procs, action: str) -> None:
+    """``psutil.Process.<action>()`` on each of ``procs`` that still exists."""
+    for c in procs:
+        try:
+            getattr(c, action)()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _reap(p: subprocess.Popen, timeout: float = 30.0) -> int:
+    """Wait for ``p``; on timeout kill it and its descendants (by PID) and wait again."""
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(p)
+        return p.wait(timeout=30)
+
+
+class Lighthouse:
+    """``torchft_lighthouse`` on 127.0.0.1 with the given timeouts, stopped by :meth:`stop`."""
+
+    def __init__(self, tmp: pathlib.Path, min_replicas: int = 2, join_timeout_s: float = JOIN_TIMEOUT_S):
+        self.port = _free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.proc = _start([str(LIGHTHOUSE), "--bind", self.addr, "--min_replicas", str(min_replicas),
+                            "--join_timeout_ms", str(int(join_timeout_s * 1000)),
+                            "--heartbeat_timeout_ms", str(int(HEARTBEAT_TIMEOUT_S * 1000)),
+                            "--quorum_tick_ms", "100"], tmp / "lighthouse.log")
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                assert self.proc.poll() is None, (tmp / "lighthouse.log").read_text()
+                time.sleep(0.1)
+        raise AssertionError("the lighthouse did not open its port in 30 s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        _reap(self.proc, 10)
+
+
+def _records(path: pathlib.Path) -> List[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by SIGKILL
+            pass
+    return out
+
+
+def _wait_for(cond, timeout: float, what: str, procs=()):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        for p in procs:
+            assert p.poll() in (None, 0), f"a replica exited with {p.returncode} while waiting for {what}"
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _x(slot: int, s: int, i: int) -> float:
+    """The worker's contribution x_slot(s)[i] (tests/ft_transport_worker.py), recomputed here."""
+    return 1000.0 * (slot + 1) + 7.0 * s + (i % 13)
+
+
+def _worker_cmd(slot, k, lh, out, stop, kill_at=None):
+    cmd = [sys.executable, str(WORKER), str(slot), str(k), lh.addr, str(out), str(stop)]
+    return cmd + ([str(kill_at)] if kill_at is not None else [])
+
+
+@pytest.mark.timeout(600)
+def test_three_replicas_one_killed_mid_sync_survivors_go_on_and_the_restarted_one_heals(tmp_path):
+    """Lighthouse + 3 single-process replicas syncing known tensors; slot 2 SIGKILLs itself in the
+    middle of a reduction once all three are in step. Checked: every committed sync's fp32 result is
+    the hand-computed sum over its live slots; every replica that committed sync s has the same live
+    set, result and state (no sync applied on some survivors only); the survivors commit again
+    within the heartbeat + join timeouts; the restarted slot 2 heals (state = the survivors') and
+    takes part again; the int8 path (ours, over the torchft group, on CPU) agrees on every replica
+    and is within its quantization bound."""
+    k = 3
+    lh = Lighthouse(tmp_path)
+    stop = tmp_path / "stop"
+    outs = {s: tmp_path / f"slot{s}.jsonl" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in range(k):
+            procs[f"slot{s}"] = _start(_worker_cmd(s, k, lh, outs[s], stop, kill_at=3 if s == 2 else None),
+                                       tmp_path / f"slot{s}.log")
+        victim = procs["slot2"]
+        _wait_for(lambda: victim.poll() is not None, 300, "slot 2 to kill itself",
+                  [procs["slot0"], procs["slot1"]])
+        assert victim.returncode == -signal.SIGKILL, (tmp_path / "slot2.log").read_text()[-3000:]
+        dying = [r for r in _records(outs[2]) if r["event"] == "dying"]
+        assert len(dying) == 1
+        t_kill, s_kill = dying[0]["t"], dying[0]["sync"]
+
+        def survivors_committed_after_kill():
+            return all(any(r["event"] == "sync" and r["committed"] and r["t0"] > t_kill and r["live"] == [0, 1]
+                           for r in _records(outs[s])) for s in (0, 1))
+        _wait_for(survivors_committed_after_kill, 120, "the survivors to commit without slot 2",
+                  [procs["slot0"], procs["slot1"]])
+        procs["slot2-restarted"] = _start(_worker_cmd(2, k, lh, outs[2], stop), tmp_path / "slot2-restarted.log")
+
+        def rejoined():
+            recs = [r for r in _records(outs[2]) if r["event"] == "sync" and r["t0"] > t_kill]
+            return sum(1 for r in recs if r["committed"] and 2 in r["live"]) >= 2
+        _wait_for(rejoined, 240, "the restarted slot 2 to heal and contribute twice",
+                  [p for name, p in procs.items() if name != "slot2"])
+        last = max(r["sync"] for s in range(k) for r in _records(outs[s]) if r["event"] == "sync")
+        stop.write_text(str(last + 3))
+        for name, p in procs.items():
+            if name != "slot2":
+                assert _reap(p, 120) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+        lh.stop()
+
+    # every server a replica opens for the others listens on --ft-bind-address (127.0.0.1), none on the
+    # wildcard, except torch's TCPStore (no bind option; documented)
+    socks = [r for s in range(k) for r in _records(outs[s]) if r["event"] == "sockets"]
+    assert len(socks) >= k
+    for r in socks:
+        others = [(ip, port) for ip, port in r["listen"] if port != r["store_port"]]
+        assert len(others) >= 2, r  # the manager server and the heal checkpoint server at least
+        assert all(ip == "127.0.0.1" for ip, _ in others), r
+    recs = {s: [r for r in _records(outs[s]) if r["event"] == "sync"] for s in range(k)}
+    by_sync: Dict[int, List[dict]] = {}
+    for s in range(k):
+        for r in recs[s]:
+            if r["committed"]:
+                by_sync.setdefault(r["sync"], []).append(r)
+                # the hand-computed sum over the live slots
+                want = [sum(_x(m, r["sync"], i) for m in r["live"]) for i in range(26)]
+                assert r["fp32"] == want, (s, r["sync"], r["live"])
+                # int8: per block, each member's quantization error <= scale/2, the re-quantized sum's too
+                bound = (sum(_x(m, r["sync"], 12) for m in r["live"]) / 127) * (len(r["live"]) + 1)
+                assert r["int8_err"] <= bound, (r["int8_err"], bound)
+    for s_num, rs in by_sync.items():
+        assert len({json.dumps(r["live"]) for r in rs}) == 1, (s_num, rs)
+        assert len({json.dumps(r["int8"]) for r in rs}) == 1, s_num  # bit-identical on every replica
+        assert len({(r["acc_sum"], r["acc0"]) for r in rs}) == 1, (s_num, [(r["slot"], r["acc_sum"]) for r in rs])
+    # before the kill all three took part; the sync in flight at the kill was committed by no survivor
+    assert any(rs[0]["live"] == [0, 1, 2] for rs in by_sync.values())
+    assert s_kill not in by_sync or all(2 not in r["live"] for r in by_sync[s_kill]), by_sync.get(s_kill)
+    # the survivors went on within the heartbeat + join timeouts (+ slack for a loaded machine)
+    first_after = min(r["t"] for s in (0, 1) for r in recs[s] if r["committed"] and r["t0"] > t_kill)
+    assert first_after - t_kill < HEARTBEAT_TIMEOUT_S + JOIN_TIMEOUT_S + 20, first_after - t_kill
+    # the restarted replica healed (its first sync) and its state then matched the survivors'
+    after = [r for r in recs[2] if r["t0"] > t_kill]
+    assert after and after[0]["healed"] and 2 not in after[0]["live"], after[:1]
+    assert any(r["committed"] and r["live"] == [0, 1, 2] for r in after)
+    # every replica stopped at the same sync with the same state
+    final = {s: recs[s][-1] for s in range(k)}
+    assert len({(f["sync"], f["acc_sum"]) for f in final.values()}) == 1, final
+
+
+_LISTEN = """
+import json, sys, datetime, psutil
+from torchft.checkpointing import HTTPTransport
+if sys.argv[1] == "patched":
+    from megatron_ppu.patches.torchft import apply_torchft_patches
+    apply_torchft_patches("127.0.0.1")
+t = HTTPTransport(timeout=datetime.timedelta(seconds=5), num_chunks=0)
+print(json.dumps({"address": t.address(), "listen": [[c.laddr.ip, c.laddr.port] for c in
+                  psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]}))
+t.shutdown()
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["unpatched", "patched"])
+def test_heal_checkpoint_server_binds_the_bind_address_only_when_patched(mode):
+    """torchft 0.2.0's HTTP checkpoint server listens on the IPv6 wildcard and advertises the host
+    name (the negative control, which fails once torchft changes and the patch must be revisited);
+    patched, it listens on and advertises the bind address."""
+    p = subprocess.run([sys.executable, "-c", _LISTEN, mode], capture_output=True, text=True, timeout=100, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    ips = {ip for ip, _ in got["listen"]}
+    if mode == "unpatched":
+        assert ips == {"::"}, got
+    else:
+        assert ips == {"127.0.0.1"}, got
+        assert got["address"].startswith("http://127.0.0.1:"), got
+
+
+@pytest.mark.timeout(60)
+def test_torchft_patch_refuses_other_versions_and_a_second_address():
+    from megatron_ppu.patches import torchft as patch
+
+    assert patch.SUPPORTED_TORCHFT == "0.2.0"
+    from importlib.metadata import version
+
+    assert version("torchft") == patch.SUPPORTED_TORCHFT  # the pin of setup.py is what is installed
+    code = ("from megatron_ppu.patches.torchft import apply_torchft_patches as a\n"
+            "a('127.0.0.1'); a('127.0.0.1')\n"
+            "try:\n    a('127.0.0.2')\nexcept RuntimeError as e:\n    print('refused', e)\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, cwd=ROOT)
+    assert p.returncode == 0 and "refused" in p.stdout, p.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("extra,expect", [
+    (["--ft-lighthouse", "127.0.0.1:29510"], "--ft-lighthouse configures --fault-tolerance torchft"),
+    (["--fault-tolerance", "torchft"], "needs --ft-lighthouse, --ft-replica-id"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "4"],
+     "--ft-replica-id 4 is not a slot of --diloco-replicas 4"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "1",
+      "--ft-bind-address", "0.0.0.0"], "the wildcard would expose"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "1",
+      "--ft-bind-address", "site-a"], "is not an IP address"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "lighthouse", "--ft-replica-id", "1"], "is not HOST:PORT"),
+    (["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510", "--ft-replica-id", "1",
+      "--ft-quorum-timeout", "10"], "--ft-quorum-timeout 10.0 is below --ft-timeout 60.0"),
+])
+def test_fault_tolerance_flags_are_validated_with_the_fix(extra, expect):
+    from megatron_ppu.training.arguments import parse_args
+
+    base = "--diloco-local-steps 4 --diloco-replicas 4 --ppu-slices 2".split()
+    with pytest.raises(ValueError, match=expect.replace("(", r"\(")):
+        parse_args(base + extra, world_size=4 if "torchft" not in extra else 1)
+
+
+@pytest.mark.timeout(60)
+def test_fault_tolerance_defaults_leave_the_single_world_unchanged():
+    """Default ``none``: no torchft setting applies, and the run's layout rules are today's (K must
+    divide the world's DP); with torchft each job is one replica (world 1 per slot is valid)."""
+    from megatron_ppu.training.arguments import parse_args
+
+    base = "--diloco-local-steps 4 --diloco-replicas 4 --ppu-slices 2".split()
+    a = parse_args(base, world_size=4)
+    assert a.fault_tolerance.mode == "none" and not a.fault_tolerance.enabled
+    with pytest.raises(ValueError, match="must divide the data-parallel size 1"):
+        parse_args(base, world_size=1)
+    ft = parse_args(base + ["--fault-tolerance", "torchft", "--ft-lighthouse", "127.0.0.1:29510",
+                            "--ft-replica-id", "3"], world_size=1).fault_tolerance
+    assert (ft.enabled, ft.replica_id, ft.bind_address, ft.lighthouse) == (True, 3, "127.0.0.1", "127.0.0.1:29510")
+
+
+@pytest.mark.timeout(400)
+def test_a_joiner_with_other_settings_is_refused_with_their_names_and_the_running_replicas_go_on(tmp_path):
+    """Two replicas running; a third job with another hidden size joins: it exits with a ValueError
+    naming ``hidden_size``, the running replicas carry on (their later syncs committed with the right
+    sums) and none of them applied a sync with the refused member."""
+    k = 3
+    lh = Lighthouse(tmp_path)
+    stop = tmp_path / "stop"
+    outs = {s: tmp_path / f"slot{s}.jsonl" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in (0, 1):
+            procs[f"slot{s}"] = _start(_worker_cmd(s, k, lh, outs[s], stop), tmp_path / f"slot{s}.log")
+        running = list(procs.values())
+        _wait_for(lambda: all(any(r["event"] == "sync" and r["committed"] for r in _records(outs[s])) for s in (0, 1)),
+                  240, "two replicas to commit", running)
+        env = dict(os.environ, FT_TEST_HIDDEN="128")
+        bad = _start(_worker_cmd(2, k, lh, outs[2], stop), tmp_path / "slot2.log", env=env)
+        procs["slot2"] = bad
+        assert _reap(bad, 240) == 1
+        log = (tmp_path / "slot2.log").read_text()
+        assert "ValueError" in log and "hidden_size" in log and "slices" not in log.split("ValueError")[-1], log[-2000:]
+        t_refused = time.time()
+        _wait_for(lambda: all(any(r["event"] == "sync" and r["committed"] and r["t0"] > t_refused
+                                  for r in _records(outs[s])) for s in (0, 1)), 120,
+                  "the running replicas to commit after the refusal", running)
+        last = max(r["sync"] for s in (0, 1) for r in _records(outs[s]) if r["event"] == "sync")
+        stop.write_text(str(last + 2))
+        for s in (0, 1):
+            assert _reap(procs[f"slot{s}"], 120) == 0, (tmp_path / f"slot{s}.log").read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+        lh.stop()
+    for s in (0, 1):
+        for r in _records(outs[s]):
+            if r["event"] == "sync" and r["committed"]:
+                assert 2 not in r["live"], r
+                assert r["fp32"] == [sum(_x(m, r["sync"], i) for m in r["live"]) for i in range(26)]
+
+
+# ------------------------------------------------------------------------------------------ trainer
+TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--micro-batch-size", "2", "--lr", "1e-3", "--lr-warmup-iters", "2",
+        "--eval-iters", "1", "--log-interval", "2", "--eval-interval", "1000",
+        "--diloco-local-steps", "4", "--diloco-streaming-fragments", "2"]
+TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
+
+
+def _trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=()):
+    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
+            "--global-batch-size", str(2 * k * nproc), "--train-iters", str(iters), "--diloco-replicas", str(k),
+            "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
+            "--ft-timeout", "120", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
+
+
+def _quorums(log: pathlib.Path) -> List[tuple]:
+    """(inner step, live slots, θ(t) digest, healed) of every quorum line of a trainer log."""
+    import re
+
+    pat = re.compile(r"quorum at inner step (-?\d+): live slots \[([\d, ]*)\]( \(this replica healed\))? "
+                     r"\(quorum [\d.]+ s\), θ\(t\) digest ([0-9a-f]+)")
+    out = []
+    for m in pat.finditer(log.read_text(errors="replace") if log.exists() else ""):
+        live = tuple(int(x) for x in m.group(2).split(",") if x.strip())
+        out.append((int(m.group(1)), live, m.group(4), bool(m.group(3))))
+    return out
+
+
+def _iteration(log: pathlib.Path) -> int:
+    import re
+
+    its = re.findall(r"iteration\s+(\d+)/", log.read_text(errors="replace") if log.exists() else "")
+    return int(its[-1]) if its else 0
+
+
+def _kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=()):
+    """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job (agent and workers) is
+    SIGKILLed in the middle of a round and restarted. Checked: the survivors are never restarted and
+    finish with exit 0; the restarted job heals from a live peer (torchft's checkpoint transport, each
+    rank its own coordinate) and takes part in later syncs; at every quorum the running replicas' θ(t)
+    digests agree (the restarted one's too, after its heal); every replica prints the same final
+    validation loss of the global model on the same validation batches."""
+    last = k - 1
+    # stragglers (a slow replica on this loaded machine) are waited for; a dead one is dropped after the
+    # heartbeat timeout (the lighthouse waits for heartbeating replicas only)
+    # min_replicas 2 (a majority of K = 3, K - 1 of 4): no replica ever forms a quorum alone, so none
+    # can train apart from the run (a lone starter or a restarted job while the survivors are paused)
+    assert k >= 3
+    lh = Lighthouse(tmp_path, min_replicas=max(2, k - 1), join_timeout_s=60)
+    logs = {s: tmp_path / f"slot{s}.log" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in range(k):
+            procs[f"slot{s}"] = _start(_trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
+        _wait_for(lambda: _iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
+                  list(procs.values()))
+        _kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
+        assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
+        killed_log = logs[last].read_text(errors="replace")
+        logs[last].rename(tmp_path / "killed.log")
+        # the survivors go on without it: wait for two of their syncs without the killed slot, after the kill
+        before = len(_quorums(logs[0]))
+        _wait_for(lambda: sum(1 for _, live, _, _ in _quorums(logs[0])[before:] if live == tuple(range(last))) >= 2,
+                  300,
+                  "two syncs of the survivors without the killed slot", [procs[f"slot{s}"] for s in range(last)])
+        # Pause the survivors' workers while the restarted job starts (on a fast machine they would
+        # finish the run before it is up); they resume once its torchft manager exists, before its
+        # join quorum. Paused past the heartbeat timeout, they count as dead until they heartbeat again.
+        paused = [c for s in range(last) for c in psutil.Process(procs[f"slot{s}"].pid).children(recursive=True)]
+        _each(paused, "suspend")
+        try:
+            procs["restarted"] = _start(_trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
+            _wait_for(lambda: "Started CheckpointServer" in (logs[last].read_text(errors="replace")
+                                                            if logs[last].exists() else ""), 300,
+                      "the restarted job's torchft manager", [procs["restarted"]])
+        finally:
+            _each(paused, "resume")
+        for s in range(last):
+            assert _reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
+        assert _reap(procs["restarted"], 300) == 0, logs[last].read_text(errors="replace")[-4000:]
+    finally:
+        for p in procs.values():
+            _kill_tree(p)
+            p.wait(timeout=30)
+        lh.stop()
+    assert "quorum at inner step" in killed_log and f"iteration {iters:>9}/" not in killed_log
+    q = {s: _quorums(logs[s]) for s in range(k)}
+    # the restarted job healed from a live peer (at its join quorum, or, having started alone while the
+    # survivors were paused, when it met them: "healed ...; continues at iteration") and took part in
+    # later syncs
+    restarted_log = logs[last].read_text(errors="replace")
+    assert any(h for _, _, _, h in q[last]) or "healed from a live peer; continues at" in restarted_log, q[last][:3]
+    assert any(last in live for step, live, _, h in q[last] if not h and step > 10), q[last]
+    # survivors ran without the killed slot for a while, and with it again at the end
+    assert any(live == tuple(range(last)) for _, live, _, _ in q[0]), q[0]
+    assert q[0][-1][1] == tuple(range(k)), q[0][-1]
+    # at every quorum, every replica that reports it holds the same θ(t) (digest of every fragment)
+    # (one quorum = inner step, its n-th quorum at that step (the end of training syncs the remaining
+    # fragment at the last step), live slots)
+    by_step: Dict[tuple, set] = {}
+    for s in range(k):
+        seen: Dict[int, int] = {}
+        for step, live, digest, _ in q[s]:
+            if step >= 0:
+                seen[step] = seen.get(step, 0) + 1
+                by_step.setdefault((step, seen[step], live), set()).add(digest)
+    assert by_step and all(len(d) == 1 for d in by_step.values()), {st: d for st, d in by_step.items() if len(d) > 1}
+    # the same global model on every replica: the same validation loss on the same batches
+    import re
+
+    finals = {s: re.findall(r"validation loss at iteration \d+ \(global model\) \| lm loss value: (\S+)",
+                            logs[s].read_text(errors="replace"))[-1] for s in range(k)}
+    assert len(set(finals.values())) == 1, finals
+
+
+@pytest.mark.timeout(900)
+def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_identical(tmp_path):
+    """K = 4 single-rank jobs, PPU 1/2, Streaming DiLoCo F = 2, H = 4 (see the helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=4, iters=100,
+                                    extra=["--ppu-slices", "2", "--tensorboard-dir", str(tmp_path / "tb")])
+    # TensorBoard got the membership counters (tags are stored as plain strings in the event files)
+    events = b"".join(f.read_bytes() for f in (tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert all(tag in events for tag in (b"ft/live-replicas", b"ft/heals", b"ft/quorum-time")), len(events)
+
+
+@pytest.mark.timeout(900)
+def test_three_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordinate(tmp_path):
+    """K = 3 jobs of 2 ranks each (inner-DP 2, one torchft Manager per rank, local rank 0 hosting the
+    replica's manager server), no PPU (3 slots): slot 2's job killed and restarted (see the helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, nproc=2)
+
+
+@pytest.mark.timeout(900)
+def test_three_replica_jobs_int8_error_feedback_one_killed_restarted_heals(tmp_path):
+    """K = 3 single-rank jobs, int8 payload with error feedback (our quantized path over the torchft
+    group, on CPU): slot 2's job killed mid-round and restarted; it heals with a fresh residual (see the
+    helper)."""
+    _kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, extra=[
+        "--diloco-allreduce-dtype", "int8", "--diloco-error-feedback"])
+
+
+@pytest.mark.timeout(600)
+def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both(tmp_path):
+    """A replica job runs (K = 2, PPU 1/2); a second job with another --hidden-size and --ppu-slices
+    joins: it exits with an error naming hidden_size and ppu_slices; the running job finishes (exit 0)."""
+    lh = Lighthouse(tmp_path, min_replicas=1, join_timeout_s=60)
+    logs = {s: tmp_path / f"slot{s}.log" for s in range(2)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        procs["slot0"] = _start(_trainer_cmd(0, 2, lh, 120, extra=["--ppu-slices", "2"]), logs[0])
+        _wait_for(lambda: _iteration(logs[0]) >= 4, 300, "the running job to train", [procs["slot0"]])
+        paused = psutil.Process(procs["slot0"].pid).children(recursive=True)  # until the joiner is up
+        _each(paused, "suspend")
+        try:
+            procs["slot1"] = _start(_trainer_cmd(1, 2, lh, 120, extra=["--ppu-slices", "1", "--hidden-size", "64"]),
+                                    logs[1])
+            _wait_for(lambda: "Started CheckpointServer" in (logs[1].read_text(errors="replace")
+                                                            if logs[1].exists() else ""), 300,
+                      "the joiner's torchft manager", [procs["slot1"]])
+        finally:
+            _each(paused, "resume")
+        assert _reap(procs["slot1"], 300) != 0
+        err = logs[1].read_text(errors="replace")
+        refusal = [line for line in err.splitlines() if "settings differ" in line]
+        assert refusal and "hidden_size" in refusal[0] and "ppu_slices" in refusal[0], err[-3000:]
+        assert _reap(procs["slot0"], 600) == 0, logs[0].read_text(errors="replace")[-4000:]
+    finally:
+        for p in procs.values():
+            _kill_tree(p)
+            p.wait(timeout=30)
+        lh.stop()
+    assert "validation loss at iteration 120" in logs[0].read_text(errors="replace")
