@@ -83,12 +83,13 @@ def _reap(p: subprocess.Popen, timeout: float = 30.0) -> int:
 class Lighthouse:
     """``torchft_lighthouse`` on 127.0.0.1 with the given timeouts, stopped by :meth:`stop`."""
 
-    def __init__(self, tmp: pathlib.Path, min_replicas: int = 2, join_timeout_s: float = JOIN_TIMEOUT_S):
+    def __init__(self, tmp: pathlib.Path, min_replicas: int = 2, join_timeout_s: float = JOIN_TIMEOUT_S,
+                 heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S):
         self.port = _free_port()
         self.addr = f"127.0.0.1:{self.port}"
         self.proc = _start([str(LIGHTHOUSE), "--bind", self.addr, "--min_replicas", str(min_replicas),
                             "--join_timeout_ms", str(int(join_timeout_s * 1000)),
-                            "--heartbeat_timeout_ms", str(int(HEARTBEAT_TIMEOUT_S * 1000)),
+                            "--heartbeat_timeout_ms", str(int(heartbeat_timeout_s * 1000)),
                             "--quorum_tick_ms", "100"], tmp / "lighthouse.log")
         deadline = time.time() + 30
         while time.time() < deadline:
@@ -499,7 +500,11 @@ def test_three_replica_jobs_int8_error_feedback_one_killed_restarted_heals(tmp_p
 def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both(tmp_path):
     """A replica job runs (K = 2, PPU 1/2); a second job with another --hidden-size and --ppu-slices
     joins: it exits with an error naming hidden_size and ppu_slices; the running job finishes (exit 0)."""
-    lh = Lighthouse(tmp_path, min_replicas=1, join_timeout_s=60)
+    # The running job is suspended while the joiner starts (so that it cannot finish first): a heartbeat
+    # timeout longer than that pause keeps it a member, so the joiner's first quorum waits for it (at
+    # 5 s, a pause longer than the joiner's start-up under load made the lighthouse drop it, and the
+    # joiner then trained alone: torchft's fast quorum never brought the two together).
+    lh = Lighthouse(tmp_path, min_replicas=1, join_timeout_s=20, heartbeat_timeout_s=60)
     logs = {s: tmp_path / f"slot{s}.log" for s in range(2)}
     procs: Dict[str, subprocess.Popen] = {}
     try:
