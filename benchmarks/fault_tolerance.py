@@ -14,18 +14,22 @@ lose one replica at the same, seeded, random iteration:
 Every output line of every job is time-stamped as it arrives (the job's stdout is a pipe read by a
 thread here). Measured, from those lines:
 
-* time to detect (torchft): kill -> the survivors' first quorum line without the killed slot;
-* wall-clock the survivors lost: the time they took from the kill iteration to the end minus the
-  time that stretch takes at their iteration rate before the kill (restart: the same for the world,
-  from the kill to its end, which includes the delay, the restart and the iterations redone since
-  the last save);
+* time to detect (torchft): kill -> the survivors' first quorum line without the killed slot (none
+  when the lighthouse's ``--min_replicas`` exceeds the survivors, as with K = 2: they wait);
+* wall-clock the others lost, around the failure ("kill -> back"): the time from the kill to the
+  moment the run is whole again (torchft: the restarted job's first commit with the survivors;
+  restart: the restarted world back at the iteration it was killed in) minus the time the progress
+  made meanwhile takes at the iteration rate before the kill (restart: no progress; the delay, the
+  start-up and the iterations redone since the last save are all lost); and to the end ("kill ->
+  end"): the time from the kill to the last iteration minus what those iterations take at that rate;
 * restart -> first commit (torchft: the restarted job's first quorum line that counts its slot,
   after its heal; restart: the world's first iteration line after the restart) and restart -> heal;
 * the total wall-clock of each run, and held-out (validation) loss of the global model against
   wall-clock (slot 0 of the survivors; the world's logger), drawn in a figure.
 
     python benchmarks/fault_tolerance.py                 # defaults: K = 3, ~ a few minutes
-    python benchmarks/fault_tolerance.py --replicas 2 --paths torchft   # smallest setting
+    python benchmarks/fault_tolerance.py --replicas 2 --paths torchft --iters 80 --kill-window 20 24
+                                      # smallest (K = 2: the survivor waits for the restarted job)
 
 Results: ``benchmarks/results/fault_tolerance.{json,md}`` and ``docs/figures/fault_tolerance.png``
 (when matplotlib is installed). ``--out PREFIX`` / ``--figure PATH`` redirect them.
@@ -179,11 +183,24 @@ def _lost(its: List[tuple], rate: float, t_kill: float, end_it: int, kill_it: in
     return (t_end - t_kill) - (end_it - kill_it) / rate
 
 
+def _it_at(its: List[tuple], t: float) -> int:
+    """The last iteration logged at or before ``t``."""
+    return max([i for ti, i in its if ti <= t] or [0])
+
+
+def _lost_window(its: List[tuple], rate: float, t_kill: float, t_back: float) -> float:
+    """Wall-clock lost between the kill and ``t_back``: their distance minus what the progress made in
+    it (iterations beyond the one running at the kill; negative after a restart from an older save)
+    takes at ``rate``."""
+    return (t_back - t_kill) - (_it_at(its, t_back) - _it_at(its, t_kill)) / rate
+
+
 def run_torchft(a, k: int, victim: int, kill_it: int, tmp: str) -> dict:
     port = _free_port()
     addr = f"127.0.0.1:{port}"
-    # min_replicas: a majority (never a lone quorum, so no replica trains apart) for K >= 3; 1 for K = 2
-    min_rep = k // 2 + 1 if k >= 3 else 1
+    # min_replicas: by default a majority (no replica ever trains apart from the run; with K = 2 the survivor
+    # waits for the restarted job instead of going on alone)
+    min_rep = a.min_replicas or k // 2 + 1
     lh = Job([LIGHTHOUSE, "--bind", addr, "--min_replicas", str(min_rep), "--join_timeout_ms",
               str(int(a.join_timeout * 1000)), "--heartbeat_timeout_ms", str(int(a.heartbeat_timeout * 1000)),
               "--quorum_tick_ms", "100"], os.path.join(tmp, "lighthouse.log"))
@@ -197,6 +214,10 @@ def run_torchft(a, k: int, victim: int, kill_it: int, tmp: str) -> dict:
         t0 = time.time()
         for s in range(k):
             jobs[f"slot{s}"] = Job(cmd(s), os.path.join(tmp, f"ft_slot{s}.log"))
+            if s == 0 and min_rep == 1:
+                # a lone quorum is allowed: slot 0 forms the first one before the others start, so that no two
+                # replicas start training apart (the README's "start one site first"); the others heal from it
+                _wait(lambda: jobs["slot0"].quorums(), a.timeout, "slot 0's first quorum", [jobs["slot0"]])
         v = jobs[f"slot{victim}"]
         _wait(lambda: v.iteration() >= kill_it, a.timeout, f"slot {victim} to reach iteration {kill_it}",
               list(jobs.values()))
@@ -224,7 +245,10 @@ def run_torchft(a, k: int, victim: int, kill_it: int, tmp: str) -> dict:
         raise RuntimeError(f"torchft path: jobs exited with {bad}; logs in {tmp}")
     s0 = survivors[0]
     others = tuple(s for s in range(k) if s != victim)
-    detect = [t for sv in survivors for t, step, live, _ in sv.quorums() if t > t_kill and live == others]
+    # a survivors' quorum without the killed slot before the restarted job first asks for one (later ones are
+    # its heal quorum, in which a healing replica does not contribute)
+    r_ask = min([t for t, ln in r.lines if "Start quorum" in ln] + [t for t, *_ in r.quorums()] + [float("inf")])
+    detect = [t for sv in survivors for t, step, live, _ in sv.quorums() if t_kill < t < r_ask and live == others]
     heal = [t for t, _, live, healed in r.quorums() if healed] or \
         [t for t, ln in r.lines if "healed from a live peer; continues at" in ln]
     commit = [t for t, step, live, healed in r.quorums() if victim in live and len(live) > 1 and not healed]
@@ -239,7 +263,13 @@ def run_torchft(a, k: int, victim: int, kill_it: int, tmp: str) -> dict:
     rate = _rate(its, max(first_it, a.warmup_iters), kill_it)
     lost = [_lost(sv.iterations(), _rate(sv.iterations(), max(first_it, a.warmup_iters), kill_it), t_kill, a.iters,
                   kill_it) for sv in survivors]
+    t_back = min(commit)
+    lost_w = [_lost_window(sv.iterations(), _rate(sv.iterations(), max(first_it, a.warmup_iters), kill_it), t_kill,
+                           t_back) for sv in survivors]
+    its0 = s0.iterations()
     return {
+        "rate_outage_it_per_s": (_it_at(its0, t_back) - _it_at(its0, t_kill)) / (t_back - t_kill),
+        "survivors_lost_window_s": max(lost_w), "survivors_lost_window_each_s": lost_w,
         "path": "torchft", "k": k, "victim_slot": victim, "kill_iteration": kill_it, "killed_at_s": t_kill - t0,
         "detect_s": (min(detect) - t_kill) if detect else None,
         "survivors_lost_s": max(lost), "survivors_lost_each_s": lost, "rate_before_it_per_s": rate,
@@ -293,7 +323,11 @@ def run_restart(a, k: int, kill_it: int, tmp: str) -> dict:
     r_its = r.iterations()
     resumed_from = r_its[0][1] - 1 if r_its else None
     all_its = its + r_its
+    it_kill = _it_at(its, t_kill)
+    back = [t for t, i in r_its if i >= it_kill]
     return {
+        "rate_outage_it_per_s": ((_it_at(all_its, min(back)) - it_kill) / (min(back) - t_kill)) if back else None,
+        "survivors_lost_window_s": (_lost_window(all_its, rate, t_kill, min(back)) if back else None),
         "path": "restart", "k": k, "kill_iteration": kill_it, "killed_at_s": t_kill - t0,
         "detect_s": None, "survivors_lost_s": _lost(all_its, rate, t_kill, a.iters, kill_it),
         "rate_before_it_per_s": rate, "resumed_from_iteration": resumed_from,
@@ -310,16 +344,17 @@ def _f(x, fmt="{:.1f}") -> str:
 
 
 def table(res: dict) -> str:
-    rows = ["| path | K | killed at it. | detect (s) | wall-clock lost by the others (s) | restart -> heal (s) "
-            "| restart -> first commit (s) | it/s before | total (s) | final val. loss |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| path | K | killed at it. | detect (s) | it/s before | it/s kill -> back | lost by the others: kill -> "
+            "back (s) | restart -> heal (s) | restart -> first commit (s) | total (s) | final val. loss |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runs"]:
         final = sorted({round(v, 4) for v in r["final_val_loss"].values() if v is not None})
         name = r["path"] + (f" (slot {r['victim_slot']} killed)" if r["path"] == "torchft" else
                             f" (resumed from it. {r['resumed_from_iteration']})")
-        rows.append(f"| {name} | {r['k']} | {r['kill_iteration']} | {_f(r['detect_s'])} | {_f(r['survivors_lost_s'])} "
+        rows.append(f"| {name} | {r['k']} | {r['kill_iteration']} | {_f(r['detect_s'])} | {_f(r['rate_before_it_per_s'], '{:.2f}')} "
+                    f"| {_f(r['rate_outage_it_per_s'], '{:.2f}')} | {_f(r['survivors_lost_window_s'])} "
                     f"| {_f(r['restart_to_heal_s'])} | {_f(r['restart_to_first_commit_s'])} "
-                    f"| {_f(r['rate_before_it_per_s'], '{:.2f}')} | {_f(r['total_s'])} "
+                    f"| {_f(r['total_s'])} "
                     f"| {', '.join(f'{x:.4f}' for x in final) or 'n/a'} |")
     return "\n".join(rows)
 
@@ -365,6 +400,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--restart-delay", type=float, default=5.0, help="seconds between the kill and the restart")
     ap.add_argument("--heartbeat-timeout", type=float, default=5.0, help="the lighthouse's (s)")
     ap.add_argument("--join-timeout", type=float, default=60.0, help="the lighthouse's (s)")
+    ap.add_argument("--min-replicas", type=int, default=0,
+                    help="the lighthouse's --min_replicas (default 0: a majority of K, K // 2 + 1)")
     ap.add_argument("--seed", type=int, default=0, help="draws the kill iteration and the killed slot")
     ap.add_argument("--paths", default="torchft,restart", help="comma-separated: torchft, restart")
     ap.add_argument("--timeout", type=float, default=900.0, help="per phase (s)")
