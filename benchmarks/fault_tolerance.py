@@ -253,8 +253,8 @@ def run_torchft(a, k: int, victim: int, kill_it: int, tmp: str) -> dict:
         [t for t, ln in r.lines if "healed from a live peer; continues at" in ln]
     commit = [t for t, step, live, healed in r.quorums() if victim in live and len(live) > 1 and not healed]
     if not heal or not commit:
-        raise RuntimeError(f"the restarted slot {victim} never healed from / committed with the survivors (they finished "
-                           f"before it joined?): raise --iters; logs in {tmp}")
+        raise RuntimeError(f"the restarted slot {victim} never healed from / committed with the survivors (they "
+                           f"finished before it joined?): raise --iters or --min-replicas; logs in {tmp}")
     finals = {name: (j.validation() or [(0, 0, None)])[-1][2] for name, j in jobs.items() if name != f"slot{victim}"}
     if len(set(finals.values())) != 1:
         raise RuntimeError(f"the replicas end with different global models (validation losses {finals}); logs in {tmp}")
@@ -351,7 +351,8 @@ def table(res: dict) -> str:
         final = sorted({round(v, 4) for v in r["final_val_loss"].values() if v is not None})
         name = r["path"] + (f" (slot {r['victim_slot']} killed)" if r["path"] == "torchft" else
                             f" (resumed from it. {r['resumed_from_iteration']})")
-        rows.append(f"| {name} | {r['k']} | {r['kill_iteration']} | {_f(r['detect_s'])} | {_f(r['rate_before_it_per_s'], '{:.2f}')} "
+        rows.append(f"| {name} | {r['k']} | {r['kill_iteration']} | {_f(r['detect_s'])} "
+                    f"| {_f(r['rate_before_it_per_s'], '{:.2f}')} "
                     f"| {_f(r['rate_outage_it_per_s'], '{:.2f}')} | {_f(r['survivors_lost_window_s'])} "
                     f"| {_f(r['restart_to_heal_s'])} | {_f(r['restart_to_first_commit_s'])} "
                     f"| {_f(r['total_s'])} "

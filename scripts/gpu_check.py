@@ -75,6 +75,7 @@ def _ft_bench():
 def runs(tmp: str) -> dict:
     """name -> (nproc, trainer argv). Paths live under ``tmp``."""
     shared = ["--distributed-backend", "gloo"]  # several ranks on one GPU: NCCL refuses duplicates
+    ft = _ft_bench()
     return {
         "nccl-bf16": (1, TINY + ["--bf16", "--train-iters", "20", "--diloco-local-steps", "0"]),
         "resume-a": (1, TINY + ["--bf16", "--train-iters", "20", "--diloco-local-steps", "0",
@@ -90,7 +91,7 @@ def runs(tmp: str) -> dict:
         "pp2": (2, TINY + shared + ["--bf16", "--train-iters", "6", "--pipeline-model-parallel-size", "2",
                                     "--diloco-local-steps", "0"]),
         # the ft-kill-heal row's replica jobs (run by benchmarks/fault_tolerance.py; listed for --print-commands)
-        "ft-kill-heal": (1, _ft_bench().torchft_argv(_ft_bench().parser().parse_args(FT_BENCH), 2, 0, "127.0.0.1:29510")),
+        "ft-kill-heal": (1, ft.torchft_argv(ft.parser().parse_args(FT_BENCH), 2, 0, "127.0.0.1:29510")),
         "memory-diloco": (4, MEM_MODEL + shared + ["--ppu-slices", "1"]),
         "memory-ppu4": (4, MEM_MODEL + shared + ["--ppu-slices", "4"]),
         "memory-ppu4-heads": (4, MEM_MODEL + shared + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
