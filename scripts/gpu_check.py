@@ -21,6 +21,10 @@ Checks:
   classes        which optimizer / norm / attention classes and fused paths Megatron picked
   memory-*       peak torch.cuda.max_memory_allocated per rank, 4 ranks sharing the GPU (K = 4):
                  DiLoCo vs PPU 1/4 MLPs vs PPU 1/4 MLPs + 1/4 heads on a 1.3B-parameter GPT
+  ft-kill-heal   2 replica jobs through torchft (benchmarks/fault_tolerance.py --replicas 2 --paths torchft),
+                 their ranks sharing the GPU: one job SIGKILLed and restarted; the survivor is not
+                 restarted (min_replicas 2: it waits), the restarted job heals from it and commits
+                 (the CPU suite runs the same: tests/test_fault_tolerance_benchmark.py)
   tests-*        selected multi-rank CPU-suite tests with their ranks sharing the GPU, as time allows
                  (tests-overlap: the delayed outer sync's CUDA stream, int8/fp8 quantization on the device)
 
@@ -53,9 +57,25 @@ MEM_MODEL = ["--num-layers", "24", "--hidden-size", "2048", "--num-attention-hea
              "--lr", "1e-4", "--lr-warmup-iters", "0", "--diloco-local-steps", "100"]
 
 
+# The smallest kill-and-heal setting of the fault-tolerance benchmark (issue 24): K = 2 single-rank jobs.
+FT_BENCH = ["--replicas", "2", "--paths", "torchft", "--iters", "80", "--kill-window", "20", "24",
+            "--restart-delay", "2"]
+
+
+def _ft_bench():
+    """benchmarks/fault_tolerance.py as a module (its trainer argv, for --print-commands)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ft_bench", REPO / "benchmarks" / "fault_tolerance.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def runs(tmp: str) -> dict:
     """name -> (nproc, trainer argv). Paths live under ``tmp``."""
     shared = ["--distributed-backend", "gloo"]  # several ranks on one GPU: NCCL refuses duplicates
+    ft = _ft_bench()
     return {
         "nccl-bf16": (1, TINY + ["--bf16", "--train-iters", "20", "--diloco-local-steps", "0"]),
         "resume-a": (1, TINY + ["--bf16", "--train-iters", "20", "--diloco-local-steps", "0",
@@ -70,6 +90,8 @@ def runs(tmp: str) -> dict:
                                        "--sequence-parallel", "--diloco-local-steps", "0"]),
         "pp2": (2, TINY + shared + ["--bf16", "--train-iters", "6", "--pipeline-model-parallel-size", "2",
                                     "--diloco-local-steps", "0"]),
+        # the ft-kill-heal row's replica jobs (run by benchmarks/fault_tolerance.py; listed for --print-commands)
+        "ft-kill-heal": (1, ft.torchft_argv(ft.parser().parse_args(FT_BENCH), 2, 0, "127.0.0.1:29510")),
         "memory-diloco": (4, MEM_MODEL + shared + ["--ppu-slices", "1"]),
         "memory-ppu4": (4, MEM_MODEL + shared + ["--ppu-slices", "4"]),
         "memory-ppu4-heads": (4, MEM_MODEL + shared + ["--ppu-slices", "4", "--ppu-slice-attention-heads"]),
@@ -236,6 +258,30 @@ def main() -> int:
             c.row("attention-bench", "SKIP", f"stopped at the budget ({time.monotonic() - t0:.0f} s)")
     else:
         c.row("attention-bench", "SKIP", "the 8-minute budget is spent")
+
+    # issue 24: 2 replica jobs through torchft sharing the GPU, one SIGKILLed (whole tree) and restarted
+    if not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchft_lighthouse")):
+        c.row("ft-kill-heal", "SKIP", f"torchft is not installed for {sys.executable} (scripts/setup_env.sh)")
+    elif c.left() > 100:
+        t0 = time.monotonic()
+        prefix = os.path.join(logs, "ft_kill_heal")
+        try:
+            p = subprocess.run([sys.executable, "benchmarks/fault_tolerance.py", *FT_BENCH, "--out", prefix,
+                                "--figure", prefix + ".png", "--timeout", "120"], cwd=str(REPO),
+                               env=dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2"),
+                               capture_output=True, text=True, timeout=min(200, c.left() - 10))
+            if p.returncode == 0:
+                r = json.load(open(prefix + ".json", encoding="utf-8"))["runs"][0]
+                ok = r["restart_to_heal_s"] is not None and r["restart_to_first_commit_s"] is not None
+                c.row("ft-kill-heal", ok, f"survivor lost {r['survivors_lost_window_s']:.1f} s, "
+                                          f"restart -> heal {r['restart_to_heal_s']}, -> first commit "
+                                          f"{r['restart_to_first_commit_s']} s ({time.monotonic() - t0:.0f} s)", run=r)
+            else:
+                c.row("ft-kill-heal", False, f"benchmark failed: ...{(p.stdout + p.stderr)[-600:]}")
+        except subprocess.TimeoutExpired:
+            c.row("ft-kill-heal", False, f"timed out ({time.monotonic() - t0:.0f} s)")
+    else:
+        c.row("ft-kill-heal", "SKIP", "the 8-minute budget is spent")
 
     if not a.skip_memory:
         base = None

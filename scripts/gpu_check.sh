@@ -3,7 +3,7 @@
 # scripts/gpu_check.py (single-rank NCCL bf16 training, save + resume, 2 ranks sharing the GPU with
 # PPU 1/2, TP=2 + sequence parallelism, PP=2, the partial-layer gradient check on CUDA, the classes and
 # fused paths Megatron picked, the SDPA attention vs DotProductAttention on CUDA and its bf16 benchmark,
-# peak memory of DiLoCo vs PPU 1/4 vs PPU 1/4 + heads) and print a table.
+# a 2-replica torchft kill and heal (2 jobs sharing the GPU), peak memory of DiLoCo vs PPU 1/4 vs PPU 1/4 + heads) and print a table.
 # Finishes in under 8 minutes. On a machine without CUDA it says so and exits 3 without running anything.
 #
 #   bash scripts/gpu_check.sh                    # on the GPU machine

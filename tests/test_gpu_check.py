@@ -27,7 +27,7 @@ def test_gpu_check_runs_parse_with_the_trainer_parser():
                        capture_output=True, text=True, timeout=100)
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
-    assert {"nccl-bf16", "resume-c", "ppu2-2ranks", "tp2-sp", "pp2", "memory-ppu4-heads"} <= set(plan)
+    assert {"nccl-bf16", "resume-c", "ppu2-2ranks", "tp2-sp", "pp2", "ft-kill-heal", "memory-ppu4-heads"} <= set(plan)
     for name, run in plan.items():
         args = parse_args(run["argv"])  # raises ValueError on an unknown or inconsistent flag
         tp, pp = args.parallel.tensor_model_parallel_size, args.parallel.pipeline_model_parallel_size
