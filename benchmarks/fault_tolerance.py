@@ -111,23 +111,10 @@ class Job:
         return [(t, int(m.group(1)), float(m.group(2))) for t, ln in list(self.lines) for m in [VAL.search(ln)] if m]
 
     def kill_tree(self) -> None:
-        """SIGKILL the job's every descendant and its process group, each by PID."""
-        import psutil
+        """SIGKILL the job's every process (its tree and process group), each by PID."""
+        from megatron_ppu.testing.processes import kill_process_tree
 
-        try:
-            kids = psutil.Process(self.proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            kids = []
-        for c in kids:
-            try:
-                c.kill()
-            except psutil.NoSuchProcess:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        psutil.wait_procs(kids, timeout=30)
+        kill_process_tree(self.proc.pid)
 
     def reap(self, timeout: float) -> int:
         try:

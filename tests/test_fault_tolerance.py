@@ -18,6 +18,8 @@ import time
 from typing import Dict, List
 
 import psutil
+
+from megatron_ppu.testing.processes import kill_process_tree
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -42,24 +44,8 @@ def _start(cmd: List[str], log: pathlib.Path, env=None) -> subprocess.Popen:
 
 
 def _kill_tree(p: subprocess.Popen) -> None:
-    """SIGKILL ``p``, every descendant (torchrun starts its workers in sessions of their own) and its
-    process group, each by PID."""
-    import psutil
-
-    try:
-        kids = psutil.Process(p.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        kids = []
-    for c in kids:
-        try:
-            c.kill()
-        except psutil.NoSuchProcess:
-            pass
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    psutil.wait_procs(kids, timeout=30)
+    """SIGKILL the job ``p`` and all its processes, each by PID."""
+    kill_process_tree(p.pid)
 
 
 def _each(procs, action: str) -> None:
