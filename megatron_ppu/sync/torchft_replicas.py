@@ -17,9 +17,12 @@ One sync (the :class:`ReplicaTransport` contract):
   checked against its checksum and the run's settings before it is loaded. Then one small
   all-reduce of the membership row of every slot (present, contributing, settings digests): the live
   slots are the quorum's members that contribute (a replica that healed in this quorum contributes
-  nothing to this sync). A member with different settings voids the sync on the others (empty live
-  set, no further collective) and refuses itself with a ``ValueError`` naming every differing
-  setting; a slot claimed twice is refused on the newcomer.
+  nothing to this sync). A member with different settings refuses itself with a ``ValueError``
+  naming every differing setting; the others close that quorum without a commit and ask for another
+  one (no further collective with it; their contributions to the sync are kept, nothing is
+  discarded). The same for a slot claimed twice (refused on the newcomer once it persists) and for a
+  replica that trained apart from the run. A replica behind the others (it heals in the middle of an
+  older sync of its own) voids the sync on every member.
 * :meth:`sum_`: the SUM over the live replicas, an all-reduce in the buffer's dtype or our own int8 /
   fp8 path (:func:`megatron_ppu.sync.compress.quantized_all_reduce_`, which works on CPU; torchft's
   own quantization needs Triton + CUDA and silently falls back to full precision without them). A
@@ -63,6 +66,9 @@ _SET = 6
 #: consecutive quorums in which a slot appears twice before the newcomer gives up (a dead predecessor
 #: leaves the quorums after the lighthouse's heartbeat timeout)
 _DUPLICATE_QUORUMS = 5
+#: quorums :meth:`TorchFTReplicas.begin_sync` asks for in a row while a member that is not the run's is in
+#: them (it refuses itself and leaves; a taken slot's newcomer after _DUPLICATE_QUORUMS) before it voids
+_RETRIED_QUORUMS = 2 * _DUPLICATE_QUORUMS
 
 
 def _digest(value) -> int:
@@ -177,6 +183,7 @@ class TorchFTReplicas(ReplicaTransport):
         self.last_quorum_s = 0.0
         self._live: Tuple[int, ...] = ()
         self._void = False
+        self._retry = False  # the last quorum held a member that is not the run's: ask again
         self._primed = False
         self._twice = 0  # consecutive quorums with a slot claimed twice
         self._healed_step: Optional[int] = None
@@ -272,7 +279,23 @@ class TorchFTReplicas(ReplicaTransport):
             self._primed = False
             return self._live
         t0 = time.monotonic()
-        self._void = False
+        for _ in range(_RETRIED_QUORUMS):
+            live = self._quorum(t0)
+            if not self._retry:
+                return live
+            # Only a member that is not the run's (other settings, a taken slot, trained apart) spoilt this
+            # quorum, and it refuses itself. Close the quorum without a commit and ask again: the sync keeps
+            # every running replica's contribution (nothing is discarded); the price is the wait until the
+            # lighthouse forms a quorum without the refused member (at most its join timeout).
+            self.manager.report_error(RuntimeError("quorum retried without a refused member"))
+            self.manager.should_commit()
+        logger.warning("sync voided: %d quorums in a row held a refused member", _RETRIED_QUORUMS)
+        self._void, self._live = True, ()
+        return self._live
+
+    def _quorum(self, t0: float) -> Sequence[int]:
+        """One quorum of :meth:`begin_sync`; sets ``_retry`` when it must be asked again (see there)."""
+        self._void = self._retry = False
         step, theta = self._position() if self._joined else (-1, 0)
         self.manager.start_quorum(allow_heal=True)
         self.last_quorum_s = time.monotonic() - t0
@@ -293,15 +316,15 @@ class TorchFTReplicas(ReplicaTransport):
         if twice:
             # Two members in one slot: a restarted replica meeting its dead predecessor (which asked for
             # this quorum just before it died; gone after the heartbeat timeout) or a second job given a
-            # taken slot. Void the sync; the newcomer gives up only when it persists.
+            # taken slot. Ask again; the newcomer gives up only when it persists.
             if (healed or self.syncs == 0) and self._twice >= _DUPLICATE_QUORUMS:
                 raise ValueError(f"--ft-replica-id {self.slot} is already taken by a running replica; give this "
                                  "job a free slot (0 <= K < --diloco-replicas) or stop the other one.")
-            logger.warning("slot(s) %s appear twice in the quorum (a restart meeting its predecessor?): sync "
-                           "voided", twice)
-            self._void = True
+            logger.warning("slot(s) %s appear twice in the quorum (a restart meeting its predecessor?): quorum "
+                           "asked again", twice)
+            self._retry = True
         ref = self._reference_row(table, present)
-        if not self._void and not torch.equal(table[self.slot, _SET - 2:], ref):
+        if not self._retry and not torch.equal(table[self.slot, _SET - 2:], ref):
             mine = table[self.slot, _SET - 2:]
             if mine[0] != ref[0] or mine[1] != ref[1]:
                 names = ["the set of settings (a different megatron_ppu version)"]
@@ -309,10 +332,10 @@ class TorchFTReplicas(ReplicaTransport):
                 names = [k for i, k in enumerate(self.settings) if mine[2 + i] != ref[2 + i]]
             raise ValueError(f"replica slot {self.slot} cannot join: its settings differ from the running replicas' "
                              f"in {', '.join(names)}. Start it with the run's flags.")
-        if not self._void and any(not torch.equal(table[k, _SET - 2:], ref) for k in present):
-            self._void = True  # a member with other settings refuses itself; nobody sums with it
-        if self._void:
-            logger.warning("sync voided: a member of the quorum %s was refused", present)
+        if not self._retry and any(not torch.equal(table[k, _SET - 2:], ref) for k in present):
+            logger.warning("a member of the quorum %s was refused (other settings): quorum asked again", present)
+            self._retry = True  # it refuses itself; nobody sums with it
+        if self._retry:
             self._live = ()
             return self._live
         running = [k for k in present if table[k, 1] > 0]
@@ -337,7 +360,7 @@ class TorchFTReplicas(ReplicaTransport):
             # Running replicas whose (inner step, θ(t)) differ trained apart (e.g. two that started at the
             # same moment each formed a quorum alone): the larger group (ties: the one with the lowest slot)
             # is the run; a replica of another group stops here (restarted, it heals from the run), the
-            # others void this sync.
+            # others ask for another quorum.
             ref = max(groups.values(), key=lambda ks: (len(ks), -min(ks)))
             if self.slot not in ref:
                 raise RuntimeError(
@@ -345,8 +368,9 @@ class TorchFTReplicas(ReplicaTransport):
                     f"digest) = {[(k, int(table[k, 2]), int(table[k, 3])) for k in running]}. Restart it: it heals "
                     "from the running replicas (torchrun --max-restarts does it). Avoid it with the lighthouse's "
                     "--min_replicas above K/2.")
-            logger.warning("sync voided: slots %s trained apart from the run %s", sorted(set(running) - set(ref)), ref)
-            self._void = True
+            logger.warning("slots %s trained apart from the run %s (they stop): quorum asked again",
+                           sorted(set(running) - set(ref)), ref)
+            self._retry = True
             self._live = ()
             return self._live
         if healed:
@@ -409,7 +433,8 @@ class TorchFTReplicas(ReplicaTransport):
         if self._live:
             self._collective(lambda: self._pg.parent.allreduce([bad], dist.ReduceOp.MAX))
         if self._void:
-            self.manager.report_error(RuntimeError("sync voided: a member of the quorum was refused"))
+            self.manager.report_error(RuntimeError("sync voided (a replica behind the others, or refused members "
+                                                   "in every retried quorum)"))
         committed = self.manager.should_commit()
         result = committed and bad.item() == 0.0 and bool(self._live)
         if result:
