@@ -124,13 +124,15 @@ def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, e
 
 
 def quorums(log: pathlib.Path) -> List[tuple]:
-    """(inner step, live slots, θ(t) digest, healed) of every quorum line of a trainer log."""
+    """(inner step, live slots, θ(t) digest, healed) of every quorum line of a trainer log; in a job of
+    several ranks each rank logs the digest of its own shard: the digest is then ``"<rank>:<digest>"``."""
     pat = re.compile(r"quorum at inner step (-?\d+): live slots \[([\d, ]*)\]( \(this replica healed\))? "
-                     r"\(quorum [\d.]+ s\), θ\(t\) digest ([0-9a-f]+)")
+                     r"\(quorum [\d.]+ s\), θ\(t\) digest ([0-9a-f]+)(?: on rank (\d+))?")
     out = []
     for m in pat.finditer(log.read_text(errors="replace") if log.exists() else ""):
         live = tuple(int(x) for x in m.group(2).split(",") if x.strip())
-        out.append((int(m.group(1)), live, m.group(4), bool(m.group(3))))
+        digest = m.group(4) if m.group(5) is None else f"{m.group(5)}:{m.group(4)}"
+        out.append((int(m.group(1)), live, digest, bool(m.group(3))))
     return out
 
 
@@ -205,11 +207,12 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
     # fragment at the last step), live slots)
     by_step: Dict[tuple, set] = {}
     for s in range(k):
-        seen: Dict[int, int] = {}
+        seen: Dict[tuple, int] = {}
         for step, live, digest, _ in q[s]:
             if step >= 0:
-                seen[step] = seen.get(step, 0) + 1
-                by_step.setdefault((step, seen[step], live), set()).add(digest)
+                rank = digest.partition(":")[0] if ":" in digest else ""  # each rank its own shard's digest
+                seen[rank, step] = seen.get((rank, step), 0) + 1
+                by_step.setdefault((rank, step, seen[rank, step], live), set()).add(digest)
     assert by_step and all(len(d) == 1 for d in by_step.values()), {st: d for st, d in by_step.items() if len(d) > 1}
     # the same global model on every replica: the same validation loss on the same batches
     finals = {s: re.findall(r"validation loss at iteration \d+ \(global model\) \| lm loss value: (\S+)",

@@ -276,11 +276,13 @@ def test_three_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordina
 
 
 @pytest.mark.timeout(900)
-def test_three_replica_jobs_int8_error_feedback_one_killed_restarted_heals(tmp_path):
-    """K = 3 single-rank jobs, int8 payload with error feedback (our quantized path over the torchft
-    group, on CPU): slot 2's job killed mid-round and restarted; it heals with a fresh residual (see the
-    helper)."""
-    kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, extra=[
+def test_three_replica_jobs_tp2_int8_error_feedback_one_killed_restarted_each_rank_heals(tmp_path):
+    """K = 3 jobs of 2 ranks each with tensor parallelism 2 (each rank holds half of every layer: its
+    own cross-replica group, Manager and heal), int8 payload with error feedback (our quantized path
+    over the torchft group, on CPU): slot 2's job killed mid-round and restarted; each rank heals its
+    own TP shard, with a fresh residual (see the helper)."""
+    kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, nproc=2, extra=[
+        "--tensor-model-parallel-size", "2", "--global-batch-size", "6",
         "--diloco-allreduce-dtype", "int8", "--diloco-error-feedback"])
 
 

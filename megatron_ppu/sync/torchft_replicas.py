@@ -376,9 +376,11 @@ class TorchFTReplicas(ReplicaTransport):
         if healed:
             self._apply_healed()
         self._live = tuple(running)
-        logger.info("fault tolerance: quorum at inner step %d: live slots %s%s (quorum %.2f s), θ(t) digest %015x",
+        # the digest is this rank's shard of θ(t) (TP / PP ranks hold different shards): name the rank
+        logger.info("fault tolerance: quorum at inner step %d: live slots %s%s (quorum %.2f s), θ(t) digest %015x%s",
                     self.peer_step, list(self._live), " (this replica healed)" if healed else "",
-                    self.last_quorum_s, int(table[running[0], 3]) if running else 0)
+                    self.last_quorum_s, int(table[running[0], 3]) if running else 0,
+                    f" on rank {self.group_rank}" if self.group_world_size > 1 else "")
         return self._live
 
     def _reference_row(self, table: torch.Tensor, present: Sequence[int]) -> torch.Tensor:
