@@ -141,9 +141,11 @@ def iteration(log: pathlib.Path) -> int:
     return int(its[-1]) if its else 0
 
 
-def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=()):
-    """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job (agent and workers) is
-    SIGKILLed in the middle of a round and restarted. Checked: the survivors are never restarted and
+def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=(), kill: str = "job"):
+    """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job is killed in the middle of a
+    round and restarted: ``kill="job"`` SIGKILLs the whole torchrun job (agent and workers), ``"rank"``
+    only its last worker rank (torchrun then stops the job's other ranks and exits with an error).
+    Checked: the survivors are never restarted and
     finish with exit 0; the restarted job heals from a live peer (torchft's checkpoint transport, each
     rank its own coordinate) and takes part in later syncs; at every quorum the running replicas' θ(t)
     digests agree (the restarted one's too, after its heal); every replica prints the same final
@@ -162,8 +164,18 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
             procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
         wait_for(lambda: iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
                   list(procs.values()))
-        kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
-        assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
+        if kill == "job":
+            kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
+            assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
+        else:
+            assert kill == "rank" and nproc > 1, kill
+            workers = psutil.Process(procs[f"slot{last}"].pid).children()  # torchrun's worker processes
+            assert len(workers) == nproc, workers
+            victim = max(workers, key=lambda w: int(w.environ().get("LOCAL_RANK", -1)))
+            victim.send_signal(signal.SIGKILL)  # one rank, mid-round; torchrun stops the others
+            rc = reap(procs[f"slot{last}"], 120)
+            assert rc not in (0, None) and not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
+                                                  for w in workers), (rc, workers)
         killed_log = logs[last].read_text(errors="replace")
         logs[last].rename(tmp_path / "killed.log")
         # the survivors go on without it: wait for two of their syncs without the killed slot, after the kill

@@ -271,8 +271,9 @@ def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_ide
 @pytest.mark.timeout(900)
 def test_three_replica_jobs_of_two_ranks_one_killed_each_rank_heals_its_coordinate(tmp_path):
     """K = 3 jobs of 2 ranks each (inner-DP 2, one torchft Manager per rank, local rank 0 hosting the
-    replica's manager server), no PPU (3 slots): slot 2's job killed and restarted (see the helper)."""
-    kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, nproc=2)
+    replica's manager server), no PPU (3 slots): ONE RANK of slot 2's job SIGKILLed (torchrun stops the
+    job), the job restarted (see the helper)."""
+    kill_and_restart_the_last_slot(tmp_path, k=3, iters=120, nproc=2, kill="rank")
 
 
 @pytest.mark.timeout(900)
