@@ -61,13 +61,28 @@ def _tree(p: subprocess.Popen) -> List[psutil.Process]:
     return [root] + root.children(recursive=True)
 
 
-def _tb_losses(tb: pathlib.Path) -> Dict[int, float]:
-    """Iteration -> training loss written to TensorBoard (--log-interval 1: one iteration each)."""
+def _tb_scalars(tb: pathlib.Path, tag: str = "lm loss") -> Dict[int, float]:
+    """Iteration -> the scalar ``tag`` written to TensorBoard (--log-interval 1: one per iteration)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
-    return {e.step: e.value for e in acc.Scalars("lm loss")}
+    return {e.step: e.value for e in acc.Scalars(tag)}
+
+
+def _final_state(path: pathlib.Path) -> dict:
+    """From a single-rank replica's checkpoint: the data position, the membership history and the set
+    of Adam step counts of the inner optimizer."""
+    import torch
+
+    from megatron_ppu.training.checkpointing.sharding import unshard_state
+
+    st = torch.load(path / "ppu" / "rank_00000.pt", weights_only=False)
+    opt = unshard_state(st["replica_shard"], None)["optimizer"]
+    opt = opt.get("optimizer", opt)
+    return {"consumed_samples": st["rank"]["consumed_samples"],
+            "history": [(int(n), tuple(live)) for n, live in st["rank"]["fault_tolerance"]["history"]],
+            "adam_steps": {int(v["step"]) for v in opt["state"].values()}}
 
 
 def _final_validation(log: pathlib.Path) -> str:
@@ -191,9 +206,9 @@ def test_all_replicas_killed_and_restarted_from_their_own_checkpoints_resume_bit
         assert resumed[s] == {key: d for key, d in ref.items() if key[0] > killed_at}, (s, resumed[s])
     # the uninterrupted run's losses, bit for bit (float32 as TensorBoard stores them), before the kill too
     for s in range(K):
-        want = _tb_losses(tmp_path / f"tb-ref{s}")
+        want = _tb_scalars(tmp_path / f"tb-ref{s}")
         assert sorted(want) == list(range(1, iters + 1))
-        got = _tb_losses(tmp_path / f"tb-resumed{s}")
+        got = _tb_scalars(tmp_path / f"tb-resumed{s}")
         assert sorted(got) == list(range(killed_at + 1, iters + 1))
         assert got == {it: v for it, v in want.items() if it > killed_at}, s
         assert {_final_validation(logs["resumed"][s]), _final_validation(logs["ref"][s])} == \
@@ -239,8 +254,9 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
     saves = {s: tmp_path / f"save{s}" for s in range(K)}
     logs = {s: tmp_path / f"slot{s}.log" for s in range(K)}
 
-    def cmd(s):
-        return trainer_cmd(s, K, lh, iters, extra=COMMON + ["--save", str(saves[s]), "--load", str(saves[s])])
+    def cmd(s, run=""):
+        return trainer_cmd(s, K, lh, iters, extra=COMMON + ["--save", str(saves[s]), "--load", str(saves[s]),
+                                                           "--tensorboard-dir", str(tmp_path / f"tb{run}{s}")])
 
     procs: Dict[str, subprocess.Popen] = {}
     try:
@@ -251,6 +267,7 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
         older, debris = _catch_a_save(procs[f"slot{victim}"], saves[victim], _tracker(saves[victim]), survivors)
         kill_tree(procs[f"slot{victim}"])
         assert procs[f"slot{victim}"].wait(timeout=30) == -signal.SIGKILL
+        at_kill = {s: len(logs[s].read_bytes()) for s in range(victim)}  # the survivors' logs so far
         assert debris in _in_progress(saves[victim]) and _tracker(saves[victim]) == older  # interrupted for good
         killed_log = logs[victim].read_text(errors="replace")
         logs[victim].rename(tmp_path / "killed.log")
@@ -263,7 +280,7 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
         paused = [c for p in survivors for c in psutil.Process(p.pid).children(recursive=True)]
         each(paused, "suspend")
         try:
-            procs["restarted"] = start(cmd(victim), logs[victim])
+            procs["restarted"] = start(cmd(victim, "-restarted"), logs[victim])
             wait_for(lambda: _resumed_at(logs[victim]) is not None, 300, "the restarted job's resume",
                      [procs["restarted"]])
         finally:
@@ -294,11 +311,14 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
     assert any(h for _, _, _, h in q[victim]) or "continues at iteration" in text
     assert any(victim in live for step, live, _, h in q[victim] if not h and step > healed_at), q[victim]
     # the survivors: never healed, never went back, ran without slot 2 and again with it
+    # (a survivor may have healed once at the start, having come up after the other two formed the first
+    # quorum: torchft's start-up; after the kill none heals)
     for s in range(victim):
-        log = logs[s].read_text(errors="replace")
-        assert "healed" not in log and "resumed from" not in log
+        after_kill = logs[s].read_bytes()[at_kill[s]:].decode(errors="replace")
+        assert "healed" not in after_kill and "resumed from" not in logs[s].read_text(errors="replace")
         its = _iterations(logs[s])
-        assert its == list(range(1, iters + 1)), its
+        later = [int(x) for x in re.findall(r"iteration\s+(\d+)/", after_kill)]
+        assert its == sorted(set(its)) and its[-1] == iters and later == list(range(later[0], iters + 1)), its
         assert any(live == (0, 1) for _, live, _, _ in q[s]) and q[s][-1][1] == tuple(range(K)), q[s][-1]
     # one θ(t) at every quorum (inner step, n-th quorum at that step, live slots)
     by_step: Dict[tuple, set] = {}
@@ -312,3 +332,24 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
     assert len({_final_validation(logs[s]) for s in range(K)}) == 1
     for s in range(K):  # the final checkpoint everywhere; the interrupted save's debris cleared by the next save
         assert _tracker(saves[s]) == iters and not _in_progress(saves[s]), (s, os.listdir(saves[s]))
+    # the learning-rate schedule after the heal: the survivors' at the same iteration (float32, TensorBoard)
+    lr = {run: _tb_scalars(tmp_path / f"tb{run}", "learning-rate") for run in ("0", "-restarted2")}
+    after_heal = {it: v for it, v in lr["-restarted2"].items() if it > healed_at}
+    assert sorted(after_heal) == list(range(healed_at + 1, iters + 1))
+    assert after_heal == {it: v for it, v in lr["0"].items() if it > healed_at}
+    final = {s: _final_state(saves[s] / f"iter_{iters:07d}") for s in range(K)}
+    # the data position: (slot, iteration) -> samples consumed, as on the survivors
+    assert {f["consumed_samples"] for f in final.values()} == {iters * 2 * K}
+    # the membership history (which slots contributed to each committed sync) is the run's on every
+    # replica: the restarted one's holds the syncs the survivors made while it was away
+    hist = {s: f["history"] for s, f in final.items()}
+    assert hist[0] == hist[1] == hist[victim], hist
+    assert (0, 1) in {live for _, live in hist[victim]} and hist[victim][-1][1] == tuple(range(K))
+    assert [n for n, _ in hist[0]] == sorted({n for n, _ in hist[0]})
+    # the inner optimizer: fresh at a heal (its old state belongs to another θ(t)), its own otherwise:
+    # Adam's step count = the inner steps trained since the last heal (or since the start)
+    for s in range(K):
+        heals = re.findall(r"slot \d (?:joined at iteration (\d+) \(healed from a live peer\)|healed from a live "
+                           r"peer; continues at iteration (\d+))", logs[s].read_text(errors="replace"))
+        since = int(heals[-1][0] or heals[-1][1]) if heals else 0
+        assert final[s]["adam_steps"] == {iters - since}, (s, final[s]["adam_steps"], since)

@@ -15,7 +15,10 @@ fragments' last syncs; the peers are in the sync of the fragment due at that ste
 into its model, takes part in that sync with nothing of its own (not counted), and goes on from the
 peers' iteration with its data position derived from (slot, iteration). Its inner optimizer (Adam
 moments) and its error-feedback residual start fresh: they are per-replica state that nobody else
-holds, and the replica's first inner steps rebuild them. ``--diloco-sync-delay > 0`` is refused with
+holds, and the replica's first inner steps rebuild them. So do those of a replica restarted from an
+older checkpoint of its own (``--load``: it is behind and heals like a joiner; the moments in that
+checkpoint belong to an older θ(t)) and of one that fell behind and heals mid-run (:func:`realign`).
+Replicas restarted together from checkpoints of the same sync heal nothing and keep theirs. ``--diloco-sync-delay > 0`` is refused with
 torchft for now (a heal during a delayed reduction is not implemented).
 """
 from __future__ import annotations
@@ -85,6 +88,9 @@ def attach(sync, transport: TorchFTReplicas) -> None:
         transport.note_healed_step(int(s["step"]))
         for f in sync.fragments:
             f.restore()  # θ(t) into the model and the fp32 masters
+        # The inner optimizer's moments belong to another θ(t) (an older checkpoint's of its own, or the
+        # trajectory it fell behind on): fresh, as a new joiner's.
+        sync.optimizer_view.reset_state()
 
     transport.register_state(state, load, position)
 
