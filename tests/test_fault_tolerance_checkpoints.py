@@ -353,3 +353,70 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
                            r"peer; continues at iteration (\d+))", logs[s].read_text(errors="replace"))
         since = int(heals[-1][0] or heals[-1][1]) if heals else 0
         assert final[s]["adam_steps"] == {iters - since}, (s, final[s]["adam_steps"], since)
+
+
+@pytest.mark.timeout(900)
+def test_all_restarted_one_from_an_older_checkpoint_it_heals_at_the_start_up_quorum(tmp_path):
+    """K = 3 jobs, each saving into its own folder; slot 2 is caught in the middle of its save of
+    iteration X (suspended there, see :func:`_catch_a_save`), slots 0 and 1 finish their saves of X
+    (then wait for slot 2 at the next sync); all three are SIGKILLed and restarted together from their
+    own folders: slots 0 and 1 resume at X, slot 2 at its older X - 4. At the start-up quorum (all three:
+    the lighthouse's min_replicas 3) slot 2 heals to the others' θ(t) and position instead of rolling
+    them back. Checked: slots 0 and 1 resume at X without a heal and their iterations go on from X;
+    slot 2 continues at iteration X with the run's learning rate (float32, TensorBoard: slot 0's at
+    the same iteration) and a fresh inner optimizer (Adam's step = the inner steps since X); one θ(t)
+    at every quorum, all three live at every sync, the same final validation loss, exit 0 everywhere."""
+    iters, late = 24, K - 1
+    lh = Lighthouse(tmp_path, min_replicas=K, join_timeout_s=60)
+    saves = {s: tmp_path / f"save{s}" for s in range(K)}
+
+    def cmd(s, run):
+        return trainer_cmd(s, K, lh, iters, extra=COMMON + ["--save", str(saves[s]), "--load", str(saves[s]),
+                                                           "--tensorboard-dir", str(tmp_path / f"tb-{run}{s}")])
+
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in range(K):
+            procs[f"first{s}"] = start(cmd(s, "first"), tmp_path / f"first{s}.log")
+        first = [procs[f"first{s}"] for s in range(K)]
+        wait_for(lambda: min(_tracker(saves[s]) for s in range(K)) >= 4, 400, "three saves", first)
+        older, debris = _catch_a_save(first[late], saves[late], _tracker(saves[late]), first[:late])
+        x = int(debris[len(".iter_"):].split(".")[0])
+        wait_for(lambda: all(_tracker(saves[s]) == x for s in range(late)), 300, f"slots 0, 1 to save {x}",
+                 first[:late])
+        assert x < iters and older == x - 4
+        for p in first:
+            kill_tree(p)
+            assert p.wait(timeout=30) == -signal.SIGKILL
+        assert debris in _in_progress(saves[late]) and _tracker(saves[late]) == older
+        for s in range(K):
+            procs[f"resumed{s}"] = start(cmd(s, "resumed"), tmp_path / f"resumed{s}.log")
+        for s in range(K):
+            assert reap(procs[f"resumed{s}"], 400) == 0, \
+                (tmp_path / f"resumed{s}.log").read_text(errors="replace")[-4000:]
+    finally:
+        for p in procs.values():
+            kill_tree(p)
+            p.wait(timeout=30)
+        lh.stop()
+    logs = {s: tmp_path / f"resumed{s}.log" for s in range(K)}
+    for s in range(late):
+        text = logs[s].read_text(errors="replace")
+        assert _resumed_at(logs[s]) == (f"iter_{x:07d}", x) and "healed" not in text, text[-3000:]
+        assert _iterations(logs[s]) == list(range(x + 1, iters + 1))
+    text = logs[late].read_text(errors="replace")
+    assert _resumed_at(logs[late]) == (f"iter_{older:07d}", older), text[-3000:]
+    assert f"slot {late} healed from a live peer; continues at iteration {x}" in text, text[-4000:]
+    assert _iterations(logs[late]) == list(range(x + 1, iters + 1))
+    q = {s: quorums(logs[s]) for s in range(K)}
+    assert all({live for step, live, _, _ in q[s] if step >= 0} == {tuple(range(K))} for s in range(K)), q
+    digests = {s: _digests(logs[s]) for s in range(K)}
+    assert digests[0] == digests[1] == digests[late] and min(step for step, _ in digests[0]) == x + 2, digests
+    lr = {s: _tb_scalars(tmp_path / f"tb-resumed{s}", "learning-rate") for s in (0, late)}
+    assert sorted(lr[late]) == list(range(x + 1, iters + 1)) and lr[late] == lr[0]
+    assert len({_final_validation(logs[s]) for s in range(K)}) == 1
+    final = {s: _final_state(saves[s] / f"iter_{iters:07d}") for s in range(K)}
+    assert {f["consumed_samples"] for f in final.values()} == {iters * 2 * K}
+    assert final[0]["history"] == final[1]["history"] == final[late]["history"]
+    assert final[late]["adam_steps"] == {iters - x}, final[late]["adam_steps"]
+    assert not _in_progress(saves[late])
