@@ -15,6 +15,11 @@ process group, reaped by its PID and its exit code checked; the lighthouse is st
   interrupted save), it resumes from the older checkpoint, is behind, and heals to the current θ(t)
   from a live peer; the survivors' iterations never go back, every later quorum sees one θ(t) and
   every replica prints the same final validation loss.
+* All three killed while one of them is in the middle of a save, and restarted together: that one
+  resumes from its older checkpoint and heals at the start-up quorum; the others resume without one.
+
+After a heal the replica's inner optimizer starts fresh (Adam's step count in its final checkpoint
+= the inner steps since the heal); without a heal it keeps its checkpoint's.
 """
 from __future__ import annotations
 
@@ -295,7 +300,9 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
         lh.stop()
     debris_it = int(debris[len(".iter_"):].split(".")[0])
     assert older >= 8 and debris_it > older
-    assert f"iter_{older:07d}" in killed_log and f"iter_{debris_it:07d}" not in killed_log.split("saved checkpoint")[-1]
+    # the killed job had finished its save of `older` and not that of `debris_it`
+    assert f"saved checkpoint {saves[victim] / f'iter_{older:07d}'}" in killed_log
+    assert f"saved checkpoint {saves[victim] / f'iter_{debris_it:07d}'}" not in killed_log
     text = logs[victim].read_text(errors="replace")
     # resumed from its own older complete checkpoint, never from the debris
     assert _resumed_at(logs[victim]) == (f"iter_{older:07d}", older), text[-3000:]
