@@ -15,11 +15,14 @@ fragments' last syncs; the peers are in the sync of the fragment due at that ste
 into its model, takes part in that sync with nothing of its own (not counted), and goes on from the
 peers' iteration with its data position derived from (slot, iteration). Its inner optimizer (Adam
 moments) and its error-feedback residual start fresh: they are per-replica state that nobody else
-holds, and the replica's first inner steps rebuild them. So do those of a replica restarted from an
-older checkpoint of its own (``--load``: it is behind and heals like a joiner; the moments in that
-checkpoint belong to an older θ(t)) and of one that fell behind and heals mid-run (:func:`realign`).
-Replicas restarted together from checkpoints of the same sync heal nothing and keep theirs. ``--diloco-sync-delay > 0`` is refused with
+holds, and the replica's first inner steps rebuild them. ``--diloco-sync-delay > 0`` is refused with
 torchft for now (a heal during a delayed reduction is not implemented).
+
+Local checkpoints (each replica its own ``--save``): replicas restarted together from checkpoints of
+the same sync heal nothing and keep their inner optimizer. One restarted from an older checkpoint of
+its own is behind: it heals like a joiner (at the start-up quorum, or joining a run in progress), and
+its inner optimizer starts fresh (the moments in that checkpoint belong to an older θ(t)), as does that
+of a replica that fell behind and heals mid-run (:func:`realign`).
 """
 from __future__ import annotations
 
