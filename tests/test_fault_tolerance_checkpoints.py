@@ -313,7 +313,7 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
     healed_at = int(m.group(1) or m.group(2))
     assert healed_at > debris_it, (healed_at, debris_it)
     its = _iterations(logs[victim])
-    assert its[0] >= healed_at and its == sorted(its), its[:5]  # (realign: the healing iteration is logged as healed_at)
+    assert its[0] >= healed_at and its == sorted(its), its[:5]  # (realign: healing one logged as healed_at)
     q = {s: quorums(logs[s]) for s in range(K)}
     assert any(h for _, _, _, h in q[victim]) or "continues at iteration" in text
     assert any(victim in live for step, live, _, h in q[victim] if not h and step > healed_at), q[victim]
