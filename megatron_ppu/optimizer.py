@@ -194,6 +194,18 @@ class InnerOptimizerView:
     def _states(self) -> List[dict]:
         return [st for opt in self.parts for st in getattr(opt, "optimizer", opt).state.values()]
 
+    def reset_state(self) -> int:
+        """Reset every per-parameter state entry to a fresh optimizer's (tensors zeroed, Adam's step
+        count 0), as after weights its state does not belong to were written into the model (a
+        replica healed from a peer); returns how many parameters' states were reset."""
+        for st in self._states():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    v.zero_()
+                elif k == "step":
+                    st[k] = 0
+        return len(self._states())
+
     def reset_nonfinite_state(self) -> int:
         """Reset every per-parameter state entry that holds a non-finite value to a fresh
         optimizer's (tensors zeroed, Adam's step count 0); returns how many parameters' states

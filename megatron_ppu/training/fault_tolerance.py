@@ -17,6 +17,12 @@ peers' iteration with its data position derived from (slot, iteration). Its inne
 moments) and its error-feedback residual start fresh: they are per-replica state that nobody else
 holds, and the replica's first inner steps rebuild them. ``--diloco-sync-delay > 0`` is refused with
 torchft for now (a heal during a delayed reduction is not implemented).
+
+Local checkpoints (each replica its own ``--save``): replicas restarted together from checkpoints of
+the same sync heal nothing and keep their inner optimizer. One restarted from an older checkpoint of
+its own is behind: it heals like a joiner (at the start-up quorum, or joining a run in progress), and
+its inner optimizer starts fresh (the moments in that checkpoint belong to an older θ(t)), as does that
+of a replica that fell behind and heals mid-run (:func:`realign`).
 """
 from __future__ import annotations
 
@@ -85,6 +91,9 @@ def attach(sync, transport: TorchFTReplicas) -> None:
         transport.note_healed_step(int(s["step"]))
         for f in sync.fragments:
             f.restore()  # θ(t) into the model and the fp32 masters
+        # The inner optimizer's moments belong to another θ(t) (an older checkpoint's of its own, or the
+        # trajectory it fell behind on): fresh, as a new joiner's.
+        sync.optimizer_view.reset_state()
 
     transport.register_state(state, load, position)
 
