@@ -59,14 +59,18 @@ def test_three_replica_jobs_one_killed_during_a_delayed_reduction_discarded_ever
         # the failed collective: the sum over the live slots on the background thread, then the discard
         # of that sync (torchft's commit vote) and of its outer step when it was due, s + τ
         assert "cross-replica collective failed" in log, log[-3000:]
-        assert f"slot {slot} discards the sync of live slots [0, 1, 2] (not committed: a member failed" in log
+        assert log.count(f"slot {slot} discards the sync of live slots [0, 1, 2] (not committed: a member failed") == 1
         discards = re.findall(r"outer sync of fragment (\d+) launched after inner step (\d+) discarded after inner "
                               r"step (\d+)", log)
-        assert discards == [(str(frag), str(s), str(s + TAU))], discards
+        # (later discards may follow: a sync voided when a replica behind the others heals in it)
+        assert [d for d in discards if int(d[1]) <= s] == [(str(frag), str(s), str(s + TAU))], discards
         q = quorums(tmp_path / f"slot{slot}.log")
-        # the sync launched at s had all three; the next one, at s + 4 (after the discard at s + 3), two
-        at = {step: live for step, live, _, _ in q}
-        assert at[s] == (0, 1, 2) and at[s + H // F] == (0, 1), (s, q)
+        # the sync launched at s had all three; the next one, at s + 4 (after the discard at s + 3), the two
+        # survivors, with θ(t) unchanged since s: the outer step due at s + 3 was applied on neither
+        at = {step: (live, digest) for step, live, digest, _ in q}
+        assert at[s][0] == (0, 1, 2) and at[s + H // F][0] == (0, 1), (s, q)
+        assert at[s + H // F][1] == at[s][1], (s, q)
+        assert at[s + 2 * H // F][1] != at[s][1], (s, q)  # (a committed sync does change the digest)
     # the restarted slot 2 joined while the others were in a delayed sync: it healed at a quorum taken
     # at a launch (a step with a fragment due) and contributed to later syncs
     q2 = quorums(tmp_path / "slot2.log")
