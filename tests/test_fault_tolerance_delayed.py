@@ -7,12 +7,17 @@ process is started by the test and reaped by its PID (process groups), exit code
 """
 from __future__ import annotations
 
+import json
 import re
 import statistics
+import subprocess
+import sys
+from typing import Dict
 
 import pytest
 
-from tests.ft_jobs import LIGHTHOUSE, ROOT, kill_and_restart_the_last_slot, quorums
+from tests.ft_jobs import (LIGHTHOUSE, ROOT, Lighthouse, kill_and_restart_the_last_slot, kill_tree, quorums, reap,
+                           start, wait_for)
 
 pytestmark = pytest.mark.skipif(not LIGHTHOUSE.exists(), reason="torchft is not installed (scripts/setup_env.sh)")
 
@@ -83,3 +88,56 @@ def test_three_replica_jobs_one_killed_during_a_delayed_reduction_discarded_ever
     times = [float(x) for slot in (0, 1) for x in re.findall(
         r"quorum at inner step \d+: .*?\(quorum ([\d.]+) s\)", (tmp_path / f"slot{slot}.log").read_text())]
     print(f"quorum time at a launch (survivors, {len(times)} quorums): median {statistics.median(times):.3f} s")
+
+
+@pytest.mark.timeout(400)
+def test_a_member_dying_during_a_delayed_reduction_is_discarded_by_every_survivor_by_hand(tmp_path):
+    """Three single-process replicas, the real outer loop (H = 2, τ = 1, α = 0.5, outer lr 0.5, Nesterov
+    momentum 0.9) over the real torchft transport on a 2 x 2 weight; slot k adds 0.05 (k + 1) per inner
+    step. Slot 2 dies (SIGKILL) in the middle of the second sync's background reduction (launched after
+    step 4). Both survivors discard that sync after step 5 (θ(t) and the momentum kept, the local values
+    back to θ(t)), sync at step 6 over slots [0, 1] (m = 2) and end with the same global model; every
+    value against the hand computation below."""
+    k = 3
+    lh = Lighthouse(tmp_path, join_timeout_s=30)  # the first quorum waits for all three, however loaded
+    up = tmp_path / "up"
+    up.mkdir()
+    outs = {s: tmp_path / f"slot{s}.json" for s in range(k)}
+    procs: Dict[int, subprocess.Popen] = {}
+    try:
+        for s in range(k):
+            procs[s] = start([sys.executable, str(ROOT / "tests" / "ft_delayed_worker.py"), str(s), str(k), lh.addr,
+                              str(outs[s]), str(up)] + (["die"] if s == 2 else []), tmp_path / f"slot{s}.log")
+        wait_for(lambda: procs[2].poll() is not None, 240, "slot 2 to die", [procs[0], procs[1]])
+        assert procs[2].returncode == -9, (tmp_path / "slot2.log").read_text()[-3000:]
+        for s in (0, 1):
+            assert reap(procs[s], 240) == 0, (tmp_path / f"slot{s}.log").read_text()[-3000:]
+    finally:
+        for p in procs.values():
+            kill_tree(p)
+            p.wait(timeout=30)
+        lh.stop()
+    assert json.loads(outs[2].read_text())["event"] == "dying"
+    # By hand (torch SGD: buf_1 = g_1; Nesterov: θ -= lr (g + μ buf)); x_k local, θ the snapshot.
+    # s=2: x = 1.10 / 1.20 / 1.30, launch A over [0, 1, 2]: mean Δ = 0.2.
+    # s=3: x = 1.15 / 1.30; wait A: g = -0.2, buf = -0.2, θ = 1 + 0.5 (0.2 + 0.18) = 1.19;
+    #      merge x = 1.19 + 0.5 (x - 1.19) = 1.17 / 1.245.
+    # s=4: x = 1.22 / 1.345, launch B over [0, 1, 2]; slot 2 dies in its reduction.
+    # s=5: x = 1.27 / 1.445; B discarded: θ = 1.19, buf = -0.2 kept, x = θ = 1.19 on both.
+    # s=6: x = 1.24 / 1.29, launch C over [0, 1]: mean Δ = (0.05 + 0.10) / 2 = 0.075.
+    # s=7: x = 1.29 / 1.39; wait C: g = -0.075, buf = 0.9 (-0.2) - 0.075 = -0.255,
+    #      θ = 1.19 + 0.5 (0.075 + 0.2295) = 1.34225; merge x = 1.316125 / 1.366125.
+    # finish (α > 0: a final synchronous sync over [0, 1]): mean Δ = (-0.026125 + 0.023875) / 2 = -0.001125,
+    #      buf = 0.9 (-0.255) + 0.001125 = -0.228375, θ = 1.34225 + 0.5 (-0.001125 + 0.2055375) = 1.44445625.
+    want_local = {0: [1.05, 1.10, 1.17, 1.22, 1.19, 1.24, 1.316125],
+                  1: [1.10, 1.20, 1.245, 1.345, 1.19, 1.29, 1.366125]}
+    want_snap = [1.0, 1.0, 1.19, 1.19, 1.19, 1.19, 1.34225]
+    want_reports = [[], [], [[2, 3, False, [0, 1, 2]]], [], [[4, 5, True, [0, 1, 2]]], [], [[6, 7, False, [0, 1]]]]
+    res = {s: json.loads(outs[s].read_text()) for s in (0, 1)}
+    for s, r in res.items():
+        assert r["local"] == pytest.approx(want_local[s], abs=1e-6), (s, r["local"])
+        assert r["snap"] == pytest.approx(want_snap, abs=1e-6), (s, r["snap"])
+        assert r["reports"] == want_reports, (s, r["reports"])
+        assert r["final"] == [[7, 7, False, [0, 1]]], r["final"]
+        assert r["uniform"] and r["final_value"] == pytest.approx(1.44445625, abs=1e-6), r
+    assert res[0]["final_value"] == res[1]["final_value"]
