@@ -64,16 +64,21 @@ def main():
     while len(list(up.iterdir())) < k:
         assert time.time() < deadline, "the other replicas did not start"
         time.sleep(0.1)
-    local, snap, reports = [], [], []
-    for _ in range(7):
+    local, snap, reports, records = [], [], [], {}
+    for s in range(1, 8):
         with torch.no_grad():
             model.weight.add_(0.05 * (slot + 1))
         reports.append([(r.step, r.applied_step, r.skipped, list(r.live)) for r in loop.after_inner_step()])
         local.append(float(model.weight[0, 0]))
         snap.append(float(loop.fragments[0].snapshot[0][0, 0]))
+        if s in (2, 4):  # a checkpoint's record of the sync in flight (waited for, not applied)
+            rec, ft = loop.state_dict()["in_flight"], transport.state_dict()
+            records[s] = {"fragment": rec["fragment"], "launched": rec["launched"], "due": rec["due"],
+                          "averaged": None if rec["averaged"] is None else float(rec["averaged"][0][0, 0]),
+                          "syncs": ft["syncs"], "history": ft["history"]}
     final = [(r.step, r.applied_step, r.skipped, list(r.live)) for r in loop.finish()]
     with open(out_path, "w") as f:
-        json.dump({"local": local, "snap": snap, "reports": reports, "final": final,
+        json.dump({"local": local, "snap": snap, "reports": reports, "final": final, "records": records,
                    "final_value": float(model.weight[0, 0]),
                    "uniform": bool((model.weight == model.weight[0, 0]).all())}, f)
     transport.close()

@@ -139,5 +139,12 @@ def test_a_member_dying_during_a_delayed_reduction_is_discarded_by_every_survivo
         assert r["snap"] == pytest.approx(want_snap, abs=1e-6), (s, r["snap"])
         assert r["reports"] == want_reports, (s, r["reports"])
         assert r["final"] == [[7, 7, False, [0, 1]]], r["final"]
+        # a checkpoint taken with the sync in flight records its result (A: Δ = 0.2, committed as torchft's
+        # step 1 with its live slots) or its discard (B: None; torchft's step still 1)
+        a, b = r["records"]["2"], r["records"]["4"]
+        assert (a["fragment"], a["launched"], a["due"], a["syncs"]) == (0, 2, 3, 1), a
+        assert a["averaged"] == pytest.approx(0.2, abs=1e-6) and a["history"] == [[1, [0, 1, 2]]], a
+        assert (b["fragment"], b["launched"], b["due"], b["averaged"], b["syncs"]) == (0, 4, 5, None, 1), b
+        assert b["history"] == [[1, [0, 1, 2]]], b
         assert r["uniform"] and r["final_value"] == pytest.approx(1.44445625, abs=1e-6), r
     assert res[0]["final_value"] == res[1]["final_value"]
