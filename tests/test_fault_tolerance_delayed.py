@@ -148,3 +148,12 @@ def test_a_member_dying_during_a_delayed_reduction_is_discarded_by_every_survivo
         assert b["history"] == [[1, [0, 1, 2]]], b
         assert r["uniform"] and r["final_value"] == pytest.approx(1.44445625, abs=1e-6), r
     assert res[0]["final_value"] == res[1]["final_value"]
+
+
+@pytest.mark.timeout(900)
+def test_three_replica_jobs_of_two_ranks_delayed_sync_one_killed_each_rank_heals(tmp_path):
+    """K = 3 jobs of 2 ranks each (inner-DP 2: the background reduction's agreement inside the replica runs
+    on a clone of the replica's group), τ = 1, α = 0.5: slot 2's job killed mid-round (whatever the
+    moment) and restarted; each rank heals its own coordinate (see the helper, ``tests/ft_jobs.py``)."""
+    kill_and_restart_the_last_slot(tmp_path, k=3, iters=96, nproc=2,
+                                    extra=["--diloco-sync-delay", "1", "--diloco-merge-alpha", str(ALPHA)])
