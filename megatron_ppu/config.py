@@ -517,7 +517,7 @@ def check_bind_address(address: str) -> None:
 
 
 def validate_fault_tolerance_config(cfg: FaultToleranceConfig, *, num_replicas: Optional[int], uses_outer_loop: bool,
-                                    explicit: frozenset = frozenset(), sync_delay: int = 0) -> None:
+                                    explicit: frozenset = frozenset()) -> None:
     """Raise ``ValueError`` naming the flag and the fix; ``explicit``: the dests given on the command
     line (an ``--ft-*`` flag given without ``--fault-tolerance torchft`` is refused, not ignored)."""
     if cfg.mode not in FT_MODES:
@@ -539,9 +539,6 @@ def validate_fault_tolerance_config(cfg: FaultToleranceConfig, *, num_replicas: 
         raise ValueError("--fault-tolerance torchft synchronises replicas at the DiLoCo outer sync; give "
                          "--diloco-local-steps > 0 (per-step synchronisation, --diloco-local-steps 0 or "
                          "--subnet-sync step, has no point at which a replica may leave or join).")
-    if sync_delay > 0:
-        raise ValueError("--diloco-sync-delay > 0 with --fault-tolerance torchft is not implemented yet (a replica "
-                         "joining while a delayed reduction is in flight cannot heal); use --diloco-sync-delay 0.")
     if not 0 <= cfg.replica_id < num_replicas:
         raise ValueError(f"--ft-replica-id {cfg.replica_id} is not a slot of --diloco-replicas {num_replicas}: "
                          f"give 0 <= K < {num_replicas}.")

@@ -116,8 +116,11 @@ TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
 TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
 
 
-def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=()):
-    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
+def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=(), script=None):
+    """The torchrun command of replica job ``slot``; ``script``: run instead of ``pretrain_gpt_ppu.py``
+    (a test's fault-injecting wrapper of it)."""
+    script = script if script is not None else ROOT / "pretrain_gpt_ppu.py"
+    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(script), *TINY,
             "--global-batch-size", str(2 * k * nproc), "--train-iters", str(iters), "--diloco-replicas", str(k),
             "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
             "--ft-timeout", "120", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
@@ -141,11 +144,14 @@ def iteration(log: pathlib.Path) -> int:
     return int(its[-1]) if its else 0
 
 
-def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=(), kill: str = "job"):
+def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=(), kill: str = "job",
+                                   victim=None, env=None):
     """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job is killed in the middle of a
     round and restarted: ``kill="job"`` SIGKILLs the whole torchrun job (agent and workers), ``"rank"``
-    only its last worker rank (torchrun then stops the job's other ranks and exits with an error).
-    Checked: the survivors are never restarted and
+    only its last worker rank (torchrun then stops the job's other ranks and exits with an error). With
+    ``victim`` (a script run by the last slot's first job in place of ``pretrain_gpt_ppu.py``, with
+    ``env``) that job's rank kills itself (SIGKILL) instead, where the script says, and the job is waited
+    for (it must fail); the rest is the same. Checked: the survivors are never restarted and
     finish with exit 0; the restarted job heals from a live peer (torchft's checkpoint transport, each
     rank its own coordinate) and takes part in later syncs; at every quorum the running replicas' θ(t)
     digests agree (the restarted one's too, after its heal); every replica prints the same final
@@ -161,18 +167,27 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
     procs: Dict[str, subprocess.Popen] = {}
     try:
         for s in range(k):
-            procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
-        wait_for(lambda: iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
-                  list(procs.values()))
-        if kill == "job":
+            procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, iters, nproc, extra,
+                                                  script=victim if s == last else None), logs[s],
+                                      env=dict(os.environ, **env) if env and s == last else None)
+        if victim is not None:  # its rank kills itself; torchrun (no restarts) then fails the job
+            wait_for(lambda: procs[f"slot{last}"].poll() is not None, 400, "the victim job to die",
+                      [procs[f"slot{s}"] for s in range(last)])
+            assert procs[f"slot{last}"].returncode != 0, logs[last].read_text(errors="replace")[-3000:]
+        else:
+            wait_for(lambda: iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
+                      list(procs.values()))
+        if victim is not None:
+            pass  # dead already
+        elif kill == "job":
             kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
             assert procs[f"slot{last}"].wait(timeout=30) == -signal.SIGKILL
         else:
             assert kill == "rank" and nproc > 1, kill
             workers = psutil.Process(procs[f"slot{last}"].pid).children()  # torchrun's worker processes
             assert len(workers) == nproc, workers
-            victim = max(workers, key=lambda w: int(w.environ().get("LOCAL_RANK", -1)))
-            victim.send_signal(signal.SIGKILL)  # one rank, mid-round; torchrun stops the others
+            rank = max(workers, key=lambda w: int(w.environ().get("LOCAL_RANK", -1)))
+            rank.send_signal(signal.SIGKILL)  # one rank, mid-round; torchrun stops the others
             rc = reap(procs[f"slot{last}"], 120)
             assert rc not in (0, None) and not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
                                                   for w in workers), (rc, workers)

@@ -63,7 +63,7 @@ ALLOWED = {
     **{("megatron_ppu/training/fault_tolerance.py", f, t): "DiLoCoSync's (megatron_ppu's own) inner-step "
        "counter, set to the running replicas' step at the join / after a heal, kept during the sync a heal "
        "happens in (its load_state_dict sets it the same way)"
-       for f, t in (("join", "sync.step"), ("load", "sync.step"), ("realign", "trainer.sync.step"))},
+       for f, t in (("join", "sync.step"), ("load", "sync.step"))},
     ("megatron_ppu/norms.py", "_mark_sequence_parallel", "setattr(p)"):
         "TorchNorm.__init__ marks its own parameters with `sequence_parallel`, the documented attribute "
         "Megatron's finalize_model_grads reads (as apex's and TE's norms set it)",

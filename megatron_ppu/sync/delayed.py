@@ -2,8 +2,11 @@
 reduction runs on a background thread while the next τ inner steps train, over channels of its own
 (the transport's :meth:`~megatron_ppu.sync.replicas.ReplicaTransport.for_background` instance and
 a clone of the replica's inner-DP group), so that it never shares a process group with the
-training thread's collectives. At most one sync is in flight (:class:`InFlight`); the orchestrator
-(:class:`megatron_ppu.sync.diloco.DiLoCoSync`) launches it, waits for it and applies it.
+training thread's collectives. The sync's ``begin_sync`` (who takes part; under torchft the quorum
+and a heal that writes θ(t) into the model) runs on the training thread at the launch, and its live
+set is handed to the background thread, which runs only ``sum_`` and ``agree``. At most one sync is
+in flight (:class:`InFlight`); the orchestrator (:class:`megatron_ppu.sync.diloco.DiLoCoSync`)
+launches it, waits for it and applies it.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -53,27 +56,29 @@ class DelayedReduction:
         if device.type == "cuda" and self.stream is None:
             self.stream = torch.cuda.Stream(device=device)
 
-    def launch(self, frag: Fragment, deltas: List[torch.Tensor], launched: int, due: int) -> None:
-        """Start the reduction of ``deltas`` (``frag``'s Δ_k) on the background thread; returns at once."""
+    def launch(self, frag: Fragment, deltas: List[torch.Tensor], live: Sequence[int], launched: int,
+               due: int) -> None:
+        """Start the reduction of ``deltas`` (``frag``'s Δ_k) over the ``live`` slots (the training
+        thread's ``begin_sync`` for this sync) on the background thread; returns at once."""
         assert self.in_flight is None, (
             f"fragment {frag.index} launched at step {launched} while fragment {self.in_flight.fragment}'s sync is "
             "in flight; validate_diloco_config refuses --diloco-sync-delay >= the gap between two fragment syncs")
         main = torch.cuda.current_stream(self.stream.device) if self.stream is not None else None
-        future = self.executor.submit(self._reduce, frag, deltas, main)
+        future = self.executor.submit(self._reduce, frag, deltas, tuple(live), main)
         self.in_flight = InFlight(fragment=frag.index, launched=launched, due=due, future=future)
 
-    def _reduce(self, frag: Fragment, deltas: List[torch.Tensor], main_stream) -> Reduction:
+    def _reduce(self, frag: Fragment, deltas: List[torch.Tensor], live: Sequence[int], main_stream) -> Reduction:
         """The worker thread's part (no state of the main thread is touched except
         ``frag.residual``, which only the reduction uses): the reduction and the finite agreement
         over the background channels. On CUDA: its own stream; the results are host tensors."""
         c, t0 = self.channels, time.perf_counter()
         if self.stream is None:
-            red = frag.reduce(deltas, c)
+            red = frag.reduce(deltas, c, live)
             finite = c.transport.agree(red.finite_here())
         else:
             with torch.cuda.device(self.stream.device), torch.cuda.stream(self.stream):
                 self.stream.wait_stream(main_stream)
-                red = frag.reduce(deltas, c)
+                red = frag.reduce(deltas, c, live)
                 finite = c.transport.agree(red.finite_here())
             self.stream.synchronize()
         if not finite:

@@ -300,10 +300,13 @@ class DiLoCoSync(Synchroniser):
             report.skipped = True
             self.totals.skipped += 1
             report.restored_fragments, report.reset_states = self._recover(frag.index)
-            logger.warning("DiLoCo: non-finite outer delta in fragment %d at step %d; outer step skipped on all "
-                           "replicas, parameters restored to the last synchronised values; on this rank %d other "
+            logger.warning("DiLoCo: outer sync of fragment %d launched after inner step %d discarded after inner step "
+                           "%d (a non-finite outer delta, or not committed by the transport: a member failed during "
+                           "it); outer step skipped on every replica that discarded it, parameters restored to the "
+                           "last synchronised values; on this rank %d other "
                            "non-finite fragment(s) restored and %d non-finite inner optimizer state(s) reset",
-                           frag.index, report.step, len(report.restored_fragments), report.reset_states)
+                           frag.index, report.step, report.applied_step, len(report.restored_fragments),
+                           report.reset_states)
         self.totals.count(report)
         return report
 
@@ -311,12 +314,15 @@ class DiLoCoSync(Synchroniser):
         """Synchronise fragment ``f`` now (prepare, reduce, agree, apply): Algorithm 1's synchronous sync."""
         assert self._in_flight is None, "a synchronous sync while a delayed one is in flight"
         frag = self.fragments[f]
+        t0 = time.perf_counter()
+        live = self.transport.begin_sync()  # before Δ_k: a fault-tolerant transport may heal θ(t) here
+        quorum_s = time.perf_counter() - t0
         deltas = frag.prepare()
         t0 = time.perf_counter()
-        red = frag.reduce(deltas, self.channels)
+        red = frag.reduce(deltas, self.channels, live)
         report = self._report(frag, self.step, red)
         finite = self.transport.agree(red.finite_here())
-        self.totals.comm_wait_s += time.perf_counter() - t0
+        self.totals.comm_wait_s += quorum_s + time.perf_counter() - t0
         averaged = red.averaged if finite else None
         local, plain = self._probe_before(frag, averaged)
         frag.apply(averaged, red.unowned)
@@ -336,11 +342,40 @@ class DiLoCoSync(Synchroniser):
 
     # -- delayed syncs (τ > 0) ------------------------------------------------------
     def _launch(self, f: int) -> None:
-        """Δ_k now, on this thread; the reduction (inner-DP sum / share / all-gather, the
-        cross-replica sum, division by m, the finite agreement) on the background thread over its
-        own channels (:class:`DelayedReduction`); returns at once. Applied after inner step ``step + τ``."""
+        """``begin_sync`` (who takes part: under torchft the quorum, and a heal that writes θ(t) into
+        the model, so on this thread, which owns the model) and Δ_k now, on this thread; the reduction
+        (inner-DP sum / share / all-gather, the cross-replica sum over the live slots, division by m,
+        the finite agreement) on the background thread over its own channels
+        (:class:`DelayedReduction`); returns once the quorum is done. Applied after inner step ``step + τ``."""
         frag = self.fragments[f]
-        self.delayed.launch(frag, frag.prepare(), self.step, self.step + self.config.sync_delay)
+        t0 = time.perf_counter()
+        live = self.transport.begin_sync()
+        self.totals.comm_wait_s += time.perf_counter() - t0
+        self.delayed.launch(frag, frag.prepare(), live, self.step, self.step + self.config.sync_delay)
+
+    def join_sync(self, f: int) -> Optional[SyncReport]:
+        """Take part in fragment ``f``'s sync that the other replicas start after this inner step
+        (``self.step``): a joiner whose transport already holds the sync's live set (torchft:
+        ``prime``). τ = 0: synchronous, returns its report; τ > 0: launched now and applied after
+        inner step ``step + τ`` (with α), as on the others; returns None."""
+        if self.delayed is not None:
+            self._launch(f)
+            return None
+        return self.sync(f)
+
+    def skip_to(self, step: int) -> None:
+        """Continue the schedule at inner step ``step`` (a replica that healed forward to the running
+        replicas' position in the middle of its own, older sync). A delayed sync of its own still in
+        flight was voided on every member of its quorum (no one applies it): it is dropped and its
+        fragment keeps the healed θ(t)."""
+        assert step >= self.step, (step, self.step)
+        if self._in_flight is not None:
+            p = self.delayed.take(self.totals)
+            assert p.result.averaged is None, "a sync in flight across a heal was not voided"
+            self.fragments[p.fragment].restore()
+            logger.warning("DiLoCo: the delayed sync of fragment %d launched at step %d was voided; dropped "
+                           "(healed to step %d)", p.fragment, p.launched, step)
+        self.step = step
 
     def _complete(self) -> SyncReport:
         """Wait for the sync in flight and apply it now: the outer step from θ(t) (the snapshot)

@@ -226,13 +226,14 @@ class Fragment:
         module docstring). New tensors: later inner steps do not change them."""
         return [h.delta(snap.data, self.comm.sharded) for h, snap in zip(self.handles, self.snapshot)]
 
-    def reduce(self, deltas: List[torch.Tensor], c: Channels) -> Reduction:
-        """Σ_k Δ_k over the live replicas (``c.transport``: one ``begin_sync``, one ``sum_``), then
-        divided elementwise by the live counts m (:mod:`megatron_ppu.sync.counts`). No agreement
-        here (the caller asks ``c.transport.agree``), no counters touched (the background thread
-        calls it with its own channels). With several inner-DP ranks each reduces its 1/inner_dp
-        share across replicas and the shares are all-gathered over ``c.inner_group``."""
-        live = tuple(c.transport.begin_sync())
+    def reduce(self, deltas: List[torch.Tensor], c: Channels, live: Sequence[int]) -> Reduction:
+        """Σ_k Δ_k over the live replicas ``live`` (what the caller's ``begin_sync`` returned on the
+        training thread; here one ``sum_`` over ``c.transport``), then divided elementwise by the live
+        counts m (:mod:`megatron_ppu.sync.counts`). No agreement here (the caller asks
+        ``c.transport.agree``), no counters touched (the background thread calls it with its own
+        channels). With several inner-DP ranks each reduces its 1/inner_dp share across replicas
+        and the shares are all-gathered over ``c.inner_group``."""
+        live = tuple(live)
         flat = torch.cat([d.reshape(-1) for d in deltas]).to(c.dtype)
         payload, handed = flat.numel() * flat.element_size(), 0
         buf = flat.to(self.device)

@@ -40,13 +40,19 @@ class ReplicaTransport(abc.ABC):
     returns False when a member failed during the sync, so that every survivor discards it (never
     applied on some replicas only). Every call is collective over the live replicas, and every
     rank of a replica makes the same calls in the same order (the fragments' syncs, in schedule
-    order; a delayed sync's calls on its background instance, :meth:`for_background`).
+    order).
 
-    How the outer loop calls it (``sync/fragment.py``, ``sync/diloco.py``): per fragment sync
-    ``begin_sync()`` once, ``sum_`` once per rank (on its inner-DP share of the payload; not
-    called when ``num_slots == 1``), then ``agree``; with the merge diagnostic, ``mean`` three
-    times around the outer step, after ``agree`` and before the next ``begin_sync`` (over the same
-    live replicas). A sync that ``agree`` rejects is applied nowhere (θ(t) restored).
+    How the outer loop calls it (``sync/diloco.py``, ``sync/fragment.py``), one rule for every
+    transport and every τ: per fragment sync ``begin_sync()`` once, **on the training thread**
+    (the thread that owns the model: a fault-tolerant transport forms its quorum there and may heal,
+    writing θ(t) into the model), before Δ_k is taken; then ``sum_`` once per rank (on its
+    inner-DP share of the payload; not called when ``num_slots == 1``) over the live set
+    ``begin_sync`` returned, then ``agree``. With τ = 0 all three run on the training thread; with
+    τ > 0 (``sync/delayed.py``) ``sum_`` and ``agree`` run on the background thread on the
+    :meth:`for_background` instance, after ``begin_sync`` returned and before the next one (at most
+    one sync in flight). With the merge diagnostic, ``mean`` three times around the outer step,
+    on the training thread after ``agree`` and before the next ``begin_sync`` (over the same live
+    replicas). A sync that ``agree`` rejects is applied nowhere (θ(t) restored).
     """
 
     #: number of replica slots of the run (``--diloco-replicas`` K)
@@ -82,7 +88,8 @@ class ReplicaTransport(abc.ABC):
     @abc.abstractmethod
     def for_background(self) -> "ReplicaTransport":
         """An instance over dedicated channels for the delayed sync's background thread (τ > 0),
-        so that it never shares a process group with the training thread's collectives. Static:
+        so that it never shares a process group with the training thread's collectives; it serves
+        ``sum_`` and ``agree`` of the sync whose ``begin_sync`` this instance's parent ran. Static:
         collective over the world at the call (clones every group in the same order everywhere)."""
 
     def state_dict(self) -> dict:

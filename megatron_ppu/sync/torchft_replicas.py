@@ -35,6 +35,13 @@ One sync (the :class:`ReplicaTransport` contract):
   still committed it is ahead of one that did not, and the one behind heals from it at the next
   quorum (torchft's step rule), so no sync stays applied on some replicas only.
 
+With a delayed sync (τ > 0) :meth:`begin_sync` (quorum, heal) runs on the training thread at the
+launch and blocks it for the quorum's time; :meth:`sum_` and :meth:`agree` run on the background
+thread (:meth:`for_background`: the same state, a clone of the replica's consensus group). A member
+that dies while the reduction is in flight fails it there: every survivor that saw the failure
+discards the sync when it is due (θ(t) kept for its fragment); one that committed it is ahead and
+the others heal from it at the next quorum, as for τ = 0.
+
 The membership history (the live slots of every committed sync) is part of the healed and the
 checkpointed state (:meth:`state_dict`).
 """
@@ -52,7 +59,7 @@ import torch.distributed as dist
 
 from ..config import FaultToleranceConfig, _host_port
 from . import compress
-from .replicas import ReplicaTransport
+from .replicas import ReplicaTransport, clone_on_every_rank
 
 logger = logging.getLogger(__name__)
 
@@ -429,9 +436,14 @@ class TorchFTReplicas(ReplicaTransport):
         return handed[0]
 
     def agree(self, ok: bool) -> bool:
+        return self._agree(ok, self.consensus_group)
+
+    def _agree(self, ok: bool, consensus_group) -> bool:
+        """:meth:`agree` with the replica's own ranks combined over ``consensus_group`` (the training
+        thread's, or the background instance's clone)."""
         bad = torch.tensor([0.0 if ok else 1.0])
-        if self.consensus_group is not None and self.group_world_size > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.consensus_group)
+        if consensus_group is not None and self.group_world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=consensus_group)
         if self._live:
             self._collective(lambda: self._pg.parent.allreduce([bad], dist.ReduceOp.MAX))
         if self._void:
@@ -441,6 +453,9 @@ class TorchFTReplicas(ReplicaTransport):
         result = committed and bad.item() == 0.0 and bool(self._live)
         if result:
             self.history.append((self.syncs, self._live))
+        elif not committed:
+            logger.warning("fault tolerance: slot %d discards the sync of live slots %s (not committed: %s)", self.slot,
+                           list(self._live), "voided" if self._void else f"a member failed ({self.manager.errored()})")
         return result
 
     def mean(self, value: float) -> float:
@@ -450,10 +465,15 @@ class TorchFTReplicas(ReplicaTransport):
             self._collective(lambda: self._pg.parent.allreduce([t], dist.ReduceOp.SUM))
         return float(t[0] / t[1]) if t[1] > 0 else value
 
-    def for_background(self) -> "TorchFTReplicas":
-        """The same instance: the cross-replica group carries only the outer sync's collectives and
-        one sync is in flight at a time, so the delayed sync's background thread uses it alone."""
-        return self
+    def for_background(self) -> ReplicaTransport:
+        """The delayed sync's background instance (τ > 0): the same manager, cross-replica group and
+        sync state (the cross-replica group carries only the outer sync's collectives and one sync is
+        in flight at a time: ``begin_sync`` runs on the training thread at the launch, then only this
+        instance's ``sum_`` and ``agree`` on the background thread), with a clone of the replica's own
+        consensus group for :meth:`agree` (collective over the replica's world when it has several
+        ranks), so that it never shares a group with the training thread's collectives."""
+        clone = clone_on_every_rank(self.consensus_group) if self.group_world_size > 1 else None
+        return _Background(self, clone)
 
     @property
     def voided(self) -> bool:
@@ -492,6 +512,30 @@ class TorchFTReplicas(ReplicaTransport):
         self.manager.shutdown(wait=False)
         self._pg.shutdown()
         self._store = None
+
+
+class _Background(ReplicaTransport):
+    """:meth:`TorchFTReplicas.for_background`: ``sum_`` / ``mean`` of the transport, ``agree`` over a
+    clone of the consensus group; ``begin_sync`` belongs to the training thread."""
+
+    def __init__(self, parent: TorchFTReplicas, consensus_group):
+        self.parent, self.consensus_group = parent, consensus_group
+        self.num_slots, self.slot = parent.num_slots, parent.slot
+
+    def begin_sync(self) -> Sequence[int]:
+        raise AssertionError("begin_sync runs on the training thread (DiLoCoSync._launch), not the background one")
+
+    def sum_(self, buf: torch.Tensor, **kw) -> int:
+        return self.parent.sum_(buf, **kw)
+
+    def agree(self, ok: bool) -> bool:
+        return self.parent._agree(ok, self.consensus_group)
+
+    def mean(self, value: float) -> float:
+        return self.parent.mean(value)
+
+    def for_background(self) -> ReplicaTransport:
+        return self
 
 
 class _Done:

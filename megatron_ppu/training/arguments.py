@@ -408,7 +408,7 @@ def validate_args(a: TrainArgs, world_size: Optional[int] = None, for_training: 
     dp = data_parallel_size(a, world_size)
     ft = a.fault_tolerance
     validate_fault_tolerance_config(ft, num_replicas=dl.num_replicas, uses_outer_loop=a.uses_replicas and
-                                    sn.sync == "outer", explicit=a.explicit_flags, sync_delay=dl.sync_delay)
+                                    sn.sync == "outer", explicit=a.explicit_flags)
     if ft.enabled and dp is not None:
         dp *= dl.num_replicas  # each torchrun job is one replica: the run's data parallelism is K x the job's
     k = replica_count(a, dp)

@@ -15,8 +15,20 @@ fragments' last syncs; the peers are in the sync of the fragment due at that ste
 into its model, takes part in that sync with nothing of its own (not counted), and goes on from the
 peers' iteration with its data position derived from (slot, iteration). Its inner optimizer (Adam
 moments) and its error-feedback residual start fresh: they are per-replica state that nobody else
-holds, and the replica's first inner steps rebuild them. ``--diloco-sync-delay > 0`` is refused with
-torchft for now (a heal during a delayed reduction is not implemented).
+holds, and the replica's first inner steps rebuild them.
+
+With a delayed sync (``--diloco-sync-delay`` τ > 0, ``--diloco-merge-alpha`` α; ``docs/overlap.md``) the
+quorum is taken on the training thread when a fragment's reduction is launched (the reduction runs on
+the background thread over the quorum's live slots). Since τ is below the gap between two fragment
+syncs, no other delayed sync is in flight at any quorum: the healed state never carries a reduction
+in flight (its ``in_flight`` record is empty). A joiner takes part in the sync being launched at its
+join quorum (contributing nothing), trains τ steps and applies it after inner step s + τ with α, as
+the others do. A member that dies while a reduction is in flight fails that reduction on the
+survivors' background threads; each survivor that saw the failure discards the sync when it is due
+(θ(t) kept for the fragment, its local steps since the last sync dropped: α has nothing to merge with);
+one that committed it anyway is ahead, and the others heal from it at the next quorum (on the training
+thread). A replica's own checkpoint taken with a sync in flight stores its result, or "discarded"
+(``DiLoCoSync.state_dict``), and torchft's step with it, so a resume repeats the same decision.
 
 Local checkpoints (each replica its own ``--save``): replicas restarted together from checkpoints of
 the same sync heal nothing and keep their inner optimizer. One restarted from an older checkpoint of
@@ -120,7 +132,9 @@ def join(trainer) -> None:
     due = [f.index for f in sync.fragments if f.due(step)]
     assert len(due) == 1, (step, due)
     t.prime()
-    sync.sync(due[0])  # nothing of ours in it (model = θ(t), not counted); θ(t+1) as everywhere
+    # nothing of ours in it (model = θ(t), not counted); τ = 0: θ(t+1) now as everywhere; τ > 0: launched,
+    # applied after inner step step + τ (with α) as everywhere
+    sync.join_sync(due[0])
     trainer.scheduler.step(increment=step - trainer.iteration)
     trainer.iteration = step
     trainer.batches.consumed_samples = step * trainer.global_batch_size  # (slot, iteration) -> data position
@@ -134,7 +148,7 @@ def realign(trainer) -> None:
     step = trainer.sync.transport.take_healed_step()
     if step is not None and step != trainer.iteration:
         assert step > trainer.iteration, (step, trainer.iteration)  # a heal only moves forward
-        trainer.sync.step = step
+        trainer.sync.skip_to(step)  # (τ > 0: its own voided sync still in flight is dropped)
         trainer.scheduler.step(increment=step - trainer.iteration)
         trainer.iteration = step
         trainer.batches.consumed_samples = step * trainer.global_batch_size
