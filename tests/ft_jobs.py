@@ -229,11 +229,17 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
     # survivors ran without the killed slot for a while, and with it again at the end
     assert any(live == tuple(range(last)) for _, live, _, _ in q[0]), q[0]
     assert q[0][-1][1] == tuple(range(k)), q[0][-1]
-    # at every quorum, every replica that reports it holds the same θ(t) (digest of every fragment)
-    # (one quorum = inner step, its n-th quorum at that step (the end of training syncs the remaining
-    # fragment at the last step), live slots)
+    assert_one_model(q, logs)
+
+
+def assert_one_model(q: Dict[int, List[tuple]], logs: Dict[int, pathlib.Path]) -> None:
+    """At every quorum, every replica that reports it holds the same θ(t) (digest of every fragment, per
+    rank); every replica prints the same final validation loss of the global model. ``q``: slot ->
+    :func:`quorums` of its log; ``logs``: slot -> its final log."""
+    # (one quorum = rank, inner step, its n-th quorum at that step (the end of training syncs the
+    # remaining fragment at the last step), live slots)
     by_step: Dict[tuple, set] = {}
-    for s in range(k):
+    for s in q:
         seen: Dict[tuple, int] = {}
         for step, live, digest, _ in q[s]:
             if step >= 0:
@@ -243,7 +249,5 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
     assert by_step and all(len(d) == 1 for d in by_step.values()), {st: d for st, d in by_step.items() if len(d) > 1}
     # the same global model on every replica: the same validation loss on the same batches
     finals = {s: re.findall(r"validation loss at iteration \d+ \(global model\) \| lm loss value: (\S+)",
-                            logs[s].read_text(errors="replace"))[-1] for s in range(k)}
+                            f.read_text(errors="replace"))[-1] for s, f in logs.items()}
     assert len(set(finals.values())) == 1, finals
-
-

@@ -21,8 +21,9 @@ import psutil
 
 import pytest
 
-from tests.ft_jobs import (HEARTBEAT_TIMEOUT_S, JOIN_TIMEOUT_S, LIGHTHOUSE, ROOT, Lighthouse, each, iteration, kill_and_restart_the_last_slot,
-                           kill_tree, reap, records, start, trainer_cmd, wait_for)
+from tests.ft_jobs import (HEARTBEAT_TIMEOUT_S, JOIN_TIMEOUT_S, LIGHTHOUSE, ROOT, Lighthouse, assert_one_model, each,
+                           iteration, kill_and_restart_the_last_slot, kill_tree, quorums, reap, records, start,
+                           trainer_cmd, wait_for)
 
 WORKER = ROOT / "tests" / "ft_transport_worker.py"
 
@@ -337,3 +338,44 @@ def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both
     losses = {name: re.findall(r"(?:lm loss: |lm loss value: )(\S+)", f.read_text(errors="replace"))
               for name, f in (("with the refused joiner", logs[0]), ("alone", ref_log))}
     assert len(losses["alone"]) >= 60 and losses["with the refused joiner"] == losses["alone"], losses
+
+
+@pytest.mark.timeout(600)
+def test_a_replica_left_behind_heals_and_joins_the_others_sync_which_they_keep(tmp_path):
+    """K = 3 single-rank jobs; slot 2's job is suspended past the lighthouse's heartbeat timeout (the
+    others go on without it), then resumed: it arrives at an older sync of its own, heals from a live
+    peer there (that sync is void on it), continues at the others' iteration and joins their sync
+    contributing nothing; they ask for another quorum for it and keep their sync (none voided: before,
+    every member voided it). θ(t) digests agree at every quorum, same final validation loss."""
+    k = 3
+    lh = Lighthouse(tmp_path, min_replicas=2, join_timeout_s=5)
+    logs = {s: tmp_path / f"slot{s}.log" for s in range(k)}
+    procs: Dict[str, subprocess.Popen] = {}
+    try:
+        for s in range(k):  # --ft-timeout 20: a collective it was suspended in fails on the others in 20 s
+            procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, 120, extra=["--ft-timeout", "20"]), logs[s])
+        wait_for(lambda: iteration(logs[2]) >= 10, 400, "slot 2 to reach iteration 10", list(procs.values()))
+        workers = psutil.Process(procs["slot2"].pid).children(recursive=True)
+        each(workers, "suspend")
+        try:
+            before = len(quorums(logs[0]))
+            wait_for(lambda: sum(1 for _, live, _, _ in quorums(logs[0])[before:] if live == (0, 1)) >= 3, 300,
+                     "three syncs of slots 0 and 1 without slot 2", [procs["slot0"], procs["slot1"]])
+        finally:
+            each(workers, "resume")
+        for s in range(k):
+            assert reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
+    finally:
+        for p in procs.values():
+            kill_tree(p)
+            p.wait(timeout=30)
+        lh.stop()
+    text = {s: logs[s].read_text(errors="replace") for s in range(k)}
+    assert "healed in the middle of its own older sync" in text[2] and "healed from a live peer; continues at" in \
+        text[2], text[2][-4000:]
+    for s in (0, 1):
+        assert "sync voided" not in text[s], [ln for ln in text[s].splitlines() if "voided" in ln]
+        assert "quorum asked again, they join it" in text[s], text[s][-4000:]
+    q = {s: quorums(logs[s]) for s in range(k)}
+    assert q[0][-1][1] == (0, 1, 2), q[0][-1]  # slot 2 contributes again at the end
+    assert_one_model(q, logs)

@@ -21,8 +21,9 @@ One sync (the :class:`ReplicaTransport` contract):
   naming every differing setting; the others close that quorum without a commit and ask for another
   one (no further collective with it; their contributions to the sync are kept, nothing is
   discarded). The same for a slot claimed twice (refused on the newcomer once it persists) and for a
-  replica that trained apart from the run. A replica behind the others (it heals in the middle of an
-  older sync of its own) voids the sync on every member.
+  replica that trained apart from the run. A replica behind the others heals in the middle of an
+  older sync of its own (void on it), and joins the others' sync contributing nothing; they ask for
+  another quorum and meet it there (:meth:`take_rejoin`, :meth:`observe_next`).
 * :meth:`sum_`: the SUM over the live replicas, an all-reduce in the buffer's dtype or our own int8 /
   fp8 path (:func:`megatron_ppu.sync.compress.quantized_all_reduce_`, which works on CPU; torchft's
   own quantization needs Triton + CUDA and silently falls back to full precision without them). A
@@ -191,6 +192,8 @@ class TorchFTReplicas(ReplicaTransport):
         self._live: Tuple[int, ...] = ()
         self._void = False
         self._retry = False  # the last quorum held a member that is not the run's: ask again
+        self._rejoin = False  # healed while behind: the others wait in a sync of theirs (take_rejoin)
+        self._observing = False  # the next quorum: present, contributing nothing (observe_next)
         self._primed = False
         self._twice = 0  # consecutive quorums with a slot claimed twice
         self._healed_step: Optional[int] = None
@@ -240,6 +243,17 @@ class TorchFTReplicas(ReplicaTransport):
         """The inner step of the state healed since the last call (None: no heal)."""
         step, self._healed_step = self._healed_step, None
         return step
+
+    def take_rejoin(self) -> bool:
+        """Whether this replica healed while behind since the last call: the others then wait for it in
+        the sync due at the healed inner step (they asked for another quorum), which it joins with
+        :meth:`observe_next`."""
+        rejoin, self._rejoin = self._rejoin, False
+        return rejoin
+
+    def observe_next(self) -> None:
+        """The next quorum: take part in the sync contributing nothing (not counted in the live set)."""
+        self._observing = True
 
     def mark_joined(self) -> None:
         """This replica is in step with the run (its join quorum is done): from now on it contributes."""
@@ -310,8 +324,9 @@ class TorchFTReplicas(ReplicaTransport):
         quorum = self._pg.quorum_slots
         n_set = len(self._setting_digests)
         table = torch.zeros(self.num_slots, _SET + n_set, dtype=torch.int64)
-        table[self.slot, :_SET] = torch.tensor([1, 0 if healed or step < 0 else 1, step, theta & _DIGEST_MASK,
-                                                n_set, self._names_digest])
+        observing, self._observing = self._observing, False
+        table[self.slot, :_SET] = torch.tensor([1, 0 if healed or step < 0 or observing else 1, step,
+                                                theta & _DIGEST_MASK, n_set, self._names_digest])
         table[self.slot, _SET:] = torch.tensor(self._setting_digests, dtype=torch.int64)
         if not self._collective(lambda: self._pg.parent.allreduce([table.view(-1)], dist.ReduceOp.SUM)):
             self._live = ()
@@ -351,13 +366,20 @@ class TorchFTReplicas(ReplicaTransport):
         if behind and running:
             # A replica that fell behind (left out of a quorum while slow, or one that discarded a sync
             # the others committed) heals here in the middle of its own, older sync: it cannot take part
-            # in this one's collectives (another fragment, other sizes). Everyone voids this sync; the one
-            # behind continues from the healed position (the trainer realigns its iteration).
-            logger.warning("sync voided: slots %s healed in the middle of an older sync (inner steps %s, the "
-                           "others' %d)", behind, [int(table[k, 2]) for k in behind], self.peer_step)
-            if healed:
+            # in this one's collectives (another fragment, other sizes). Its own sync is void; the trainer
+            # moves it to the healed position (realign) and it joins the others' sync there, contributing
+            # nothing (:meth:`observe_next`). The others ask for another quorum (theirs is kept, nothing
+            # discarded) and meet it there.
+            if self.slot in behind:
+                logger.warning("slot %d healed in the middle of its own older sync (inner step %d, the others' %d): "
+                               "that sync is void; it joins theirs", self.slot, step, self.peer_step)
                 self._apply_healed()
-            self._void = True
+                self._void, self._rejoin = True, True
+            else:
+                logger.warning("slots %s healed in the middle of an older sync of theirs (inner steps %s, the others' "
+                               "%d): quorum asked again, they join it", behind, [int(table[k, 2]) for k in behind],
+                               self.peer_step)
+                self._retry = True
             self._live = ()
             return self._live
         groups: Dict[Tuple[int, int], List[int]] = {}

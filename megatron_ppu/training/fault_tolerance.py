@@ -144,7 +144,8 @@ def join(trainer) -> None:
 
 def realign(trainer) -> None:
     """After an iteration: a replica that fell behind and healed in the middle of one of its own syncs
-    continues from the healed inner step (data position and learning-rate schedule with it)."""
+    continues from the healed inner step (data position and learning-rate schedule with it) and joins
+    the sync the others wait in there, contributing nothing."""
     step = trainer.sync.transport.take_healed_step()
     if step is not None and step != trainer.iteration:
         assert step > trainer.iteration, (step, trainer.iteration)  # a heal only moves forward
@@ -154,3 +155,13 @@ def realign(trainer) -> None:
         trainer.batches.consumed_samples = step * trainer.global_batch_size
         trainer.log(f"fault tolerance: slot {trainer.sync.transport.slot} healed from a live peer; continues at "
                     f"iteration {step}")
+    t: TorchFTReplicas = trainer.sync.transport
+    if t.take_rejoin():
+        # healed while behind: the others wait in the sync due at this step (another quorum); take part in it
+        # contributing nothing (model = θ(t)), as a joiner does
+        due = [f.index for f in trainer.sync.fragments if f.due(trainer.iteration)]
+        if len(due) == 1:
+            t.observe_next()
+            trainer.sync.join_sync(due[0])
+        # else (the end of training syncs several fragments at the last step): the others go on without it
+        # after the lighthouse's join timeout
