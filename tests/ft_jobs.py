@@ -114,10 +114,12 @@ TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
         "--eval-iters", "1", "--log-interval", "2", "--eval-interval", "1000",
         "--diloco-local-steps", "4", "--diloco-streaming-fragments", "2"]
 TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
+#: what torchrun runs: the trainer (a test may run ``tests/ft_trace_worker.py --trace-dir DIR`` instead)
+TRAINER = (str(ROOT / "pretrain_gpt_ppu.py"),)
 
 
-def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=()):
-    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(ROOT / "pretrain_gpt_ppu.py"), *TINY,
+def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=(), script=TRAINER):
+    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), *script, *TINY,
             "--global-batch-size", str(2 * k * nproc), "--train-iters", str(iters), "--diloco-replicas", str(k),
             "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
             "--ft-timeout", "120", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
@@ -139,13 +141,14 @@ def iteration(log: pathlib.Path) -> int:
     return int(its[-1]) if its else 0
 
 
-def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=()):
+def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=(), script=TRAINER):
     """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job (agent and workers) is
     SIGKILLed in the middle of a round and restarted. Checked: the survivors are never restarted and
     finish with exit 0; the restarted job heals from a live peer (torchft's checkpoint transport, each
     rank its own coordinate) and takes part in later syncs; at every quorum the running replicas' θ(t)
     digests agree (the restarted one's too, after its heal); every replica prints the same final
-    validation loss of the global model on the same validation batches."""
+    validation loss of the global model on the same validation batches. ``script``: the program and its
+    leading arguments torchrun runs in every job (default: ``pretrain_gpt_ppu.py``)."""
     last = k - 1
     # stragglers (a slow replica on this loaded machine) are waited for; a dead one is dropped after the
     # heartbeat timeout (the lighthouse waits for heartbeating replicas only)
@@ -157,7 +160,7 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
     procs: Dict[str, subprocess.Popen] = {}
     try:
         for s in range(k):
-            procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, iters, nproc, extra), logs[s])
+            procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, iters, nproc, extra, script), logs[s])
         wait_for(lambda: iteration(logs[last]) >= 8, 400, "the last slot to reach iteration 8",
                   list(procs.values()))
         kill_tree(procs[f"slot{last}"])  # the whole torchrun job (agent and workers), mid-round
@@ -175,7 +178,7 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
         paused = [c for s in range(last) for c in psutil.Process(procs[f"slot{s}"].pid).children(recursive=True)]
         each(paused, "suspend")
         try:
-            procs["restarted"] = start(trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
+            procs["restarted"] = start(trainer_cmd(last, k, lh, iters, nproc, extra, script), logs[last])
             wait_for(lambda: "Started CheckpointServer" in (logs[last].read_text(errors="replace")
                                                             if logs[last].exists() else ""), 300,
                       "the restarted job's torchft manager", [procs["restarted"]])
