@@ -14,7 +14,9 @@ The backward pass (autograd functions below) computes
 * the weight gradient (wgrad) **only for the owned slice**: no GEMM touches the
   frozen rows/columns.
 
-The forward is the full forward, as two GEMMs over the two parts. (The paper's
+The forward is the full forward, as two GEMMs over the two parts; in evaluation (eval mode, no
+gradients) an input-sliced weight (fc2, W_O) is summed slice by slice in index order instead, so that
+every replica computes the global model bit for bit alike whichever slice it owns. (The paper's
 negative control "detach-all-but-k", App. D, drops the frozen part's dgrad term:
 ``frozen_input_jacobian="detach"``.) ``state_dict``
 and ``sharded_state_dict`` present every weight in Megatron's full layout
