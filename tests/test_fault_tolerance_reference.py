@@ -144,7 +144,11 @@ def test_four_replica_jobs_one_killed_mid_round_restarted_match_the_reference(tm
     # TensorBoard got the membership counters (tags are stored as plain strings in the event files)
     events = b"".join(f.read_bytes() for f in (tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert all(tag in events for tag in (b"ft/live-replicas", b"ft/heals", b"ft/quorum-time")), len(events)
+    print(check_trace(trace, slices))
 
+
+def check_trace(trace: pathlib.Path, slices: int) -> str:
+    """The checks of the test above on the records of a run (``tests/ft_trace_worker.py``); returns a summary."""
     recs = load_records(trace)
     # the processes: slots 0..2 ran once; slot 3 twice (the killed job, then the restarted one)
     procs: Dict[int, List[int]] = collections.defaultdict(list)
@@ -163,20 +167,25 @@ def test_four_replica_jobs_one_killed_mid_round_restarted_match_the_reference(tm
     assert fragments == [0, 1], fragments  # F = 2
 
     # the membership schedule: one live set per committed sync, the same on every replica that committed it
-    live_of = {}
+    last_killed = max(r["step"] for r in recs if r["pid"] == killed)
+    live_of, unrecorded = {}, []
     for key, rs in committed.items():
         lives = {tuple(r["live"]) for r in rs}
         assert len(lives) == 1, (key, [(r["slot"], r["live"]) for r in rs])
         live_of[key] = lives.pop()
-        # every live slot committed it, or recorded it (a member that saw the failure discards it)
-        for k in live_of[key]:
-            assert any(r["slot"] == k for r in by_key[key]), (key, live_of[key], "no record of a live slot")
+        # every live slot recorded it (committed, or discarded by a member that saw a failure), except
+        # in one case: the killed job, SIGKILLed after its commit vote and before its record was written
+        # (a window of milliseconds); that sync's result is then taken from the survivors (below)
+        missing = [k for k in live_of[key] if not any(r["slot"] == k for r in by_key[key])]
+        if missing:
+            assert missing == [LAST] and key[1] == min(k[1] for k in committed if k[1] > last_killed), (key, missing)
+            unrecorded.append(key)
+    assert len(unrecorded) <= 1, unrecorded
     # the live sets follow the kill: slot 3 is absent from every sync between its killed job's last
     # record and the restarted job's first contributing one, and present before and after
-    last_killed = max(r["step"] for r in recs if r["pid"] == killed)
     back = min(r["step"] for r in recs if r["pid"] == restarted and r["committed"] and LAST in r["live"])
     assert any(r["committed"] and LAST in r["live"] for r in recs if r["pid"] == killed)
-    away = sorted(key for key in committed if last_killed < key[1] < back)
+    away = sorted(key for key in committed if last_killed < key[1] < back and key not in unrecorded)
     assert len(away) >= 2, (last_killed, back, sorted(committed))
     assert all(LAST not in live_of[key] and live_of[key] == (0, 1, 2) for key in away), \
         [(key, live_of[key]) for key in away]
@@ -205,13 +214,18 @@ def test_four_replica_jobs_one_killed_mid_round_restarted_match_the_reference(tm
         ref = Reference(names[f], theta0[f], slices)
         for key in sorted(k for k in committed if k[0] == f):
             live = live_of[key]
+            rs = committed[key]
+            if key in unrecorded:  # the killed job's contribution is unknown: continue from the survivors' result
+                ref.theta, ref.buf = list(rs[0]["theta_after"]), list(rs[0]["momentum_after"])
+                ref.started = [s | torch.stack([owned_mask(n, t.shape, k, slices) for k in live]).any(0)
+                               for s, n, t in zip(ref.started, names[f], ref.theta)]
+                continue
             local = {}
             for k in live:
                 mine = [r for r in by_key[key] if r["slot"] == k]
                 assert len(mine) == 1 and mine[0]["local"] is not None, (key, k, len(mine))
                 local[k] = mine[0]["local"]
             before = ref.theta
-            rs = committed[key]
             if LAST not in live:  # the negative control: with the static counts K/N, K the check would fail
                 static_gap.append(_close(rs[0]["theta_after"], ref.outer(live, local, static_counts=True)[0]))
             theta, mom = ref.step(live, local)
@@ -237,9 +251,10 @@ def test_four_replica_jobs_one_killed_mid_round_restarted_match_the_reference(tm
                         assert mb is not None and torch.equal(ma[m3], mb[m3]), (key, n, "its momentum moved")
                         assert not torch.equal(a[~m3], b[~m3]), (key, n, "the other slices did not move")
     # every replica's committed records were checked; the first sync with all four after the return is bit-identical
-    assert checked == sum(len(rs) for rs in committed.values())
+    assert checked == sum(len(rs) for key, rs in committed.items() if key not in unrecorded)
     after = sorted(key for key in committed if key[1] >= back)
     assert after and {r["slot"] for r in committed[after[0]]} == set(range(K)), after[:1]
     assert static_gap and max(static_gap) > 100 * ATOL, static_gap
-    print(f"checked {checked} records of {len(committed)} committed syncs; max |θ - ref| {worst_theta:.2e}, "
-          f"max |momentum - ref| {worst_mom:.2e}; static-count control gap {max(static_gap):.2e}")
+    return (f"checked {checked} records of {len(committed)} committed syncs ({len(unrecorded)} not recorded by the "
+            f"killed job); max |θ - ref| {worst_theta:.2e}, "
+            f"max |momentum - ref| {worst_mom:.2e}; static-count control gap {max(static_gap):.2e}")
