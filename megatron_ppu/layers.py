@@ -14,7 +14,9 @@ The backward pass (autograd functions below) computes
 * the weight gradient (wgrad) **only for the owned slice**: no GEMM touches the
   frozen rows/columns.
 
-The forward is the full forward, as two GEMMs over the two parts. (The paper's
+The forward is the full forward, as two GEMMs over the two parts; in evaluation (eval mode, no
+gradients) an input-sliced weight (fc2, W_O) is summed slice by slice in index order instead, so that
+every replica computes the global model bit for bit alike whichever slice it owns. (The paper's
 negative control "detach-all-but-k", App. D, drops the frozen part's dgrad term:
 ``frozen_input_jacobian="detach"``.) ``state_dict``
 and ``sharded_state_dict`` present every weight in Megatron's full layout
@@ -135,6 +137,32 @@ class _InputSlicedLinear(torch.autograd.Function):
         if layout.owned_size and ctx.needs_input_grad[1]:
             dw = torch.matmul(dy.reshape(-1, dy.shape[-1]).t(), x_o.reshape(-1, x_o.shape[-1]))
         return dx, dw, None, None, None
+
+
+def _slice_ordered_input_linear(x: torch.Tensor, w_owned: torch.Tensor, w_frozen: torch.Tensor,
+                                layout: SliceLayout) -> Optional[torch.Tensor]:
+    """``Y = X W^T`` for an input-sliced weight whose owned columns are one of its equal slices,
+    summed slice by slice in index order: ``(X_0 W_0^T + X_1 W_1^T) + ...``. The sum's order is then
+    the same on every replica, whichever slice it owns, so every replica computes the global model
+    bit for bit alike (:class:`_InputSlicedLinear` adds the owned part to the frozen part, an order
+    that depends on the slice once there are more than two: results differ in the last bits). With
+    two slices it is :class:`_InputSlicedLinear`'s sum (a + b == b + a). No autograd function
+    (for evaluation, without gradients). None when the layout is not one equal slice."""
+    if len(layout.owned) != 1 or not layout.frozen_size:
+        return None
+    start, end = layout.owned[0]
+    width = end - start
+    if layout.size % width or start % width:
+        return None
+    y = None
+    for a in range(0, layout.size, width):
+        if a == start:
+            w = w_owned
+        else:
+            w = w_frozen.narrow(1, a if a < start else a - width, width).contiguous()
+        part = _mm(x.narrow(-1, a, width), w)
+        y = part if y is None else y + part
+    return y
 
 
 class PartialLinearMixin(SlicedModule):
@@ -300,8 +328,13 @@ class _PartialRowParallelLinear(PartialLinearMixin, RowParallelLinear):
             # scaling by 1/keep = N keeps the MLP output's expected magnitude.
             output_parallel = torch.matmul(input_, w.owned_param(self).t()) * (w.layout.size / w.layout.owned_size)
         else:
-            output_parallel = _InputSlicedLinear.apply(input_, w.owned_param(self), w.frozen_param(self),
-                                                       w.layout, self.ppu_detach_frozen)
+            output_parallel = None
+            if not self.training and not torch.is_grad_enabled():  # evaluation: the same sum on every replica
+                output_parallel = _slice_ordered_input_linear(input_, w.owned_param(self), w.frozen_param(self),
+                                                              w.layout)
+            if output_parallel is None:
+                output_parallel = _InputSlicedLinear.apply(input_, w.owned_param(self), w.frozen_param(self),
+                                                           w.layout, self.ppu_detach_frozen)
         if self.sequence_parallel:
             output_ = reduce_scatter_to_sequence_parallel_region(output_parallel, group=self.tp_group)
         else:

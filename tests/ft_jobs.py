@@ -114,13 +114,14 @@ TINY = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-siz
         "--eval-iters", "1", "--log-interval", "2", "--eval-interval", "1000",
         "--diloco-local-steps", "4", "--diloco-streaming-fragments", "2"]
 TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
+#: what torchrun runs: the trainer (a test may run ``tests/ft_trace_worker.py --trace-dir DIR`` instead)
+TRAINER = (str(ROOT / "pretrain_gpt_ppu.py"),)
 
 
-def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=(), script=None):
-    """The torchrun command of replica job ``slot``; ``script``: run instead of ``pretrain_gpt_ppu.py``
-    (a test's fault-injecting wrapper of it)."""
-    script = script if script is not None else ROOT / "pretrain_gpt_ppu.py"
-    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), str(script), *TINY,
+def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=(), script=TRAINER):
+    """The torchrun command of replica job ``slot``; ``script``: the program and its leading arguments
+    torchrun runs (default: ``pretrain_gpt_ppu.py``; a test's recording or fault-injecting wrapper of it)."""
+    return [str(TORCHRUN), "--standalone", "--nproc-per-node", str(nproc), *script, *TINY,
             "--global-batch-size", str(2 * k * nproc), "--train-iters", str(iters), "--diloco-replicas", str(k),
             "--fault-tolerance", "torchft", "--ft-lighthouse", lh.addr, "--ft-replica-id", str(slot),
             "--ft-timeout", "120", "--ft-quorum-timeout", "300", "--ft-heartbeat-interval", "0.2", *extra]
@@ -145,17 +146,19 @@ def iteration(log: pathlib.Path) -> int:
 
 
 def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1, extra=(), kill: str = "job",
-                                   victim=None, env=None):
-    """Lighthouse + k torchrun jobs of ``nproc`` ranks; the last slot's job is killed in the middle of a
-    round and restarted: ``kill="job"`` SIGKILLs the whole torchrun job (agent and workers), ``"rank"``
-    only its last worker rank (torchrun then stops the job's other ranks and exits with an error). With
-    ``victim`` (a script run by the last slot's first job in place of ``pretrain_gpt_ppu.py``, with
-    ``env``) that job's rank kills itself (SIGKILL) instead, where the script says, and the job is waited
-    for (it must fail); the rest is the same. Checked: the survivors are never restarted and
+                                   script=TRAINER, victim=None, env=None):
+    """Lighthouse + k torchrun jobs of ``nproc`` ranks running ``script`` (default: ``pretrain_gpt_ppu.py``);
+    the last slot's job is killed in the middle of a round and restarted: ``kill="job"`` SIGKILLs the
+    whole torchrun job (agent and workers), ``"rank"`` only its last worker rank (torchrun then stops the
+    job's other ranks and exits with an error). With ``victim`` (a script run by the last slot's first
+    job in place of ``pretrain_gpt_ppu.py``, with ``env``) that job's rank kills itself (SIGKILL)
+    instead, where the script says, and the job is waited for (it must fail); the rest is the same.
+    Checked: the survivors are never restarted and
     finish with exit 0; the restarted job heals from a live peer (torchft's checkpoint transport, each
     rank its own coordinate) and takes part in later syncs; at every quorum the running replicas' θ(t)
     digests agree (the restarted one's too, after its heal); every replica prints the same final
-    validation loss of the global model on the same validation batches."""
+    validation loss of the global model on the same validation batches. ``script``: the program and its
+    leading arguments torchrun runs in every job (default: ``pretrain_gpt_ppu.py``)."""
     last = k - 1
     # stragglers (a slow replica on this loaded machine) are waited for; a dead one is dropped after the
     # heartbeat timeout (the lighthouse waits for heartbeating replicas only)
@@ -168,8 +171,8 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
     try:
         for s in range(k):
             procs[f"slot{s}"] = start(trainer_cmd(s, k, lh, iters, nproc, extra,
-                                                  script=victim if s == last else None), logs[s],
-                                      env=dict(os.environ, **env) if env and s == last else None)
+                                                  script=(str(victim),) if victim and s == last else script),
+                                      logs[s], env=dict(os.environ, **env) if env and s == last else None)
         if victim is not None:  # its rank kills itself; torchrun (no restarts) then fails the job
             wait_for(lambda: procs[f"slot{last}"].poll() is not None, 400, "the victim job to die",
                       [procs[f"slot{s}"] for s in range(last)])
@@ -204,7 +207,7 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
         paused = [c for s in range(last) for c in psutil.Process(procs[f"slot{s}"].pid).children(recursive=True)]
         each(paused, "suspend")
         try:
-            procs["restarted"] = start(trainer_cmd(last, k, lh, iters, nproc, extra), logs[last])
+            procs["restarted"] = start(trainer_cmd(last, k, lh, iters, nproc, extra, script), logs[last])
             wait_for(lambda: "Started CheckpointServer" in (logs[last].read_text(errors="replace")
                                                             if logs[last].exists() else ""), 300,
                       "the restarted job's torchft manager", [procs["restarted"]])

@@ -259,14 +259,8 @@ def test_a_joiner_with_other_settings_is_refused_with_their_names_and_the_runnin
 
 
 # ------------------------------------------------------------------------------------------ trainer
-@pytest.mark.timeout(900)
-def test_four_replica_jobs_ppu_half_one_killed_mid_round_restarted_heals_bit_identical(tmp_path):
-    """K = 4 single-rank jobs, PPU 1/2, Streaming DiLoCo F = 2, H = 4 (see the helper)."""
-    kill_and_restart_the_last_slot(tmp_path, k=4, iters=100,
-                                    extra=["--ppu-slices", "2", "--tensorboard-dir", str(tmp_path / "tb")])
-    # TensorBoard got the membership counters (tags are stored as plain strings in the event files)
-    events = b"".join(f.read_bytes() for f in (tmp_path / "tb").rglob("events.out.tfevents.*"))
-    assert all(tag in events for tag in (b"ft/live-replicas", b"ft/heals", b"ft/quorum-time")), len(events)
+# K = 4 single-rank jobs, PPU 1/2 (and 1/4), one killed mid-round and restarted, checked against the
+# plain-PyTorch reference of its membership schedule: tests/test_fault_tolerance_reference.py
 
 
 @pytest.mark.timeout(900)

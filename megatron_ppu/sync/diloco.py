@@ -100,12 +100,12 @@ from .fragment import (Channels, Fragment, FragmentPlan, OuterOptimizer, Reducti
                        syncs_after)
 from .handles import ParamHandle
 from .replicas import ReplicaTransport, StaticReplicas
-from .reports import DiLoCoStats, MergeDiagnostic, SyncReport
+from .reports import DiLoCoStats, MergeDiagnostic, SyncObservation, SyncReport
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DiLoCoSync", "Fragment", "FragmentPlan", "OuterOptimizer", "build_fragment_plan", "syncs_after",
-           "SyncReport", "MergeDiagnostic", "DiLoCoStats", "StaticReplicas", "ReplicaTransport"]
+           "SyncReport", "SyncObservation", "MergeDiagnostic", "DiLoCoStats", "StaticReplicas", "ReplicaTransport"]
 
 
 class DiLoCoSync(Synchroniser):
@@ -167,6 +167,7 @@ class DiLoCoSync(Synchroniser):
         self.channels = Channels(transport, self.inner_group, self.sharded, config.allreduce_dtype,
                                  config.quantization_block)
         self._merge_probe: Optional[MergeProbe] = None
+        self._observers: List[Callable[[SyncObservation], None]] = []
         self.delayed = DelayedReduction(self.channels, timeout) if config.sync_delay > 0 else None
         self._build_fragments()
         if self.delayed is not None and self.fragments:
@@ -214,6 +215,30 @@ class DiLoCoSync(Synchroniser):
         step; :class:`MergeDiagnostic`), each averaged over the live replicas by the transport,
         and ``on_report(report)`` receives the sync's report with them (``report.merge``)."""
         self._merge_probe = MergeProbe(probe, on_report, self.transport)
+
+    def add_sync_observer(self, observer: Callable[[SyncObservation], None]) -> None:
+        """Call ``observer(observation)`` after every outer sync of a fragment on this rank, applied,
+        skipped or not committed (:class:`SyncObservation`: the report, the fragment's parameter names,
+        the local values Δ_k came from, θ(t) and the outer momentum before and after; host copies).
+        For checks against a reference and for tracing; without an observer nothing is copied."""
+        self._observers.append(observer)
+
+    def _observe_before(self, frag: Fragment, local: bool = True):
+        if not self._observers:
+            return None
+        return ([h.read() for h in frag.handles] if local else None, self._outer_state(frag))
+
+    def _outer_state(self, frag: Fragment):
+        bufs = [frag.outer.sgd.state.get(p, {}).get("momentum_buffer") for p in frag.snapshot]
+        return [p.data.clone() for p in frag.snapshot], [None if b is None else b.clone() for b in bufs]
+
+    def _notify(self, frag: Fragment, report: SyncReport, before) -> SyncReport:
+        if before is not None:
+            (local, (theta, mom)), (theta_after, mom_after) = before, self._outer_state(frag)
+            seen = SyncObservation(report, list(frag.names), local, theta, theta_after, mom, mom_after)
+            for observer in self._observers:
+                observer(seen)
+        return report
 
     def evaluation_weights(self):
         return self.global_weights() if self.evaluated_model == "global" else contextlib.nullcontext()
@@ -317,6 +342,7 @@ class DiLoCoSync(Synchroniser):
         t0 = time.perf_counter()
         live = self.transport.begin_sync()  # before Δ_k: a fault-tolerant transport may heal θ(t) here
         quorum_s = time.perf_counter() - t0
+        before = self._observe_before(frag)  # after a heal: the θ(t) and local values this sync uses
         deltas = frag.prepare()
         t0 = time.perf_counter()
         red = frag.reduce(deltas, self.channels, live)
@@ -328,7 +354,7 @@ class DiLoCoSync(Synchroniser):
         frag.apply(averaged, red.unowned)
         frag.last_sync = self.step
         self._probe_after(report, local, plain)
-        return self._account(frag, report, finite)
+        return self._notify(frag, self._account(frag, report, finite), before)
 
     def _probe_before(self, frag: Fragment, averaged: Optional[List[torch.Tensor]]):
         if self._merge_probe is None:
@@ -385,6 +411,7 @@ class DiLoCoSync(Synchroniser):
         p = self.delayed.take(self.totals)
         res = p.result
         frag = self.fragments[p.fragment]
+        before = self._observe_before(frag, local=False)
         report = self._report(frag, p.launched, res)
         local, plain = self._probe_before(frag, res.averaged)
         if res.averaged is not None:
@@ -396,7 +423,7 @@ class DiLoCoSync(Synchroniser):
         # Inner steps since the last sync: with α > 0 the local values keep (a share of) the progress
         # since the launch, so the fragment counts as synchronised at the launch; otherwise at the merge.
         frag.last_sync = p.launched if res.averaged is not None and self.config.merge_alpha > 0 else self.step
-        return self._account(frag, report, res.averaged is not None)
+        return self._notify(frag, self._account(frag, report, res.averaged is not None), before)
 
     def _recover(self, skipped: int):
         """After a skipped sync (this rank only, no collective): return every other fragment whose

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+import torch
+
 
 @dataclass
 class SyncReport:
@@ -22,6 +24,33 @@ class SyncReport:
     applied_step: int = 0  # inner step after which the outer step was applied (= step when τ = 0)
     merge: Optional["MergeDiagnostic"] = None  # --diloco-merge-diagnostic: the probe losses of this sync
     live: List[int] = field(default_factory=list)  # the slots that took part (transport's begin_sync)
+
+
+@dataclass
+class SyncObservation:
+    """One fragment sync as seen by an observer of the outer loop
+    (:meth:`megatron_ppu.sync.diloco.DiLoCoSync.add_sync_observer`): host copies (fp32, Megatron's
+    full layout, one tensor per parameter of ``names``, in the fragment's order) of this rank's values.
+
+    ``local``: the replica's local values Δ_k was computed from (Δ_k = local − ``theta_before`` on
+    its owned set; None for a delayed sync, τ > 0, whose launch values are not kept); ``theta_before``
+    / ``theta_after``: the snapshot θ(t) before and after the sync (equal when it was skipped or not
+    committed, unless this replica healed from a live peer in it); ``momentum_before`` / ``momentum_after``: the outer optimizer's momentum buffers (None
+    per parameter before its first outer step). ``report.live``: the slots that took part;
+    ``report.skipped``: the outer step was not applied (non-finite Δ, or not committed by torchft)."""
+
+    report: SyncReport
+    names: List[str]
+    local: Optional[List[torch.Tensor]]
+    theta_before: List[torch.Tensor]
+    theta_after: List[torch.Tensor]
+    momentum_before: List[Optional[torch.Tensor]]
+    momentum_after: List[Optional[torch.Tensor]]
+
+    @property
+    def committed(self) -> bool:
+        """Whether the outer step was applied (on this rank; the same on every rank of every live replica)."""
+        return not self.report.skipped
 
 
 @dataclass

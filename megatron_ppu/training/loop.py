@@ -357,24 +357,29 @@ class Trainer:
             self.sinks.close()
 
 
-def run(argv: Optional[List[str]] = None) -> Trainer:
+def run(argv: Optional[List[str]] = None, before_train: Optional[Callable[[Trainer], None]] = None) -> Trainer:
     """Parse flags, build the run, (resume,) train and evaluate; return the trainer
-    (``trainer.losses``, ``trainer.final_eval``)."""
+    (``trainer.losses``, ``trainer.final_eval``). ``before_train(trainer)``: called once on every rank
+    after the build (and the resume), before training (e.g. to attach an observer of the outer syncs:
+    ``tests/ft_trace_worker.py``)."""
     args = parse_args(argv)
     init_distributed(args.parallel.distributed_timeout_minutes, args.parallel.distributed_backend)
     trainer = Trainer.from_args(args)
     if args.checkpoint.load:
         trainer.load()
+    if before_train is not None:
+        before_train(trainer)
     trainer.train()
     trainer.close()
     return trainer
 
 
-def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
-    """Entry point of ``pretrain_gpt_ppu.py``."""
+def main(argv: Optional[List[str]] = None,
+         before_train: Optional[Callable[[Trainer], None]] = None) -> Dict[str, float]:
+    """Entry point of ``pretrain_gpt_ppu.py`` (``before_train``: see :func:`run`)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     for noisy in ("megatron", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    final = run(argv).final_eval
+    final = run(argv, before_train).final_eval
     shutdown_process_groups()  # before interpreter teardown (see there); after an error the exit stops them
     return final
