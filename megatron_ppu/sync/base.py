@@ -51,6 +51,10 @@ class Synchroniser:
     def finish(self) -> None:
         """At the end of training, before the final evaluation and checkpoint."""
 
+    def close(self) -> None:
+        """After training (the last checkpoint written): release threads and connections of its own
+        (a process group alive at interpreter teardown can abort the exiting process)."""
+
     def evaluation_weights(self) -> ContextManager[None]:
         """Context in which the model holds the weights evaluation scores."""
         return contextlib.nullcontext()

@@ -247,6 +247,13 @@ class DiLoCoSync(Synchroniser):
         """New weights (``--finetune``): θ(0) is read from them; the outer state starts afresh."""
         self._build_fragments()
 
+    def close(self) -> None:
+        """The delayed sync's thread and the transport's connections (torchft: its manager, servers and
+        reconfigured group), before interpreter teardown."""
+        if self.delayed is not None:
+            self.delayed.executor.shutdown(wait=True)
+        self.transport.close()
+
     def before_save(self) -> None:
         """A checkpoint is next: wait for the reduction in flight (its result is kept, not applied:
         :meth:`state_dict` stores it and the outer step happens at its due step, as without the save)."""

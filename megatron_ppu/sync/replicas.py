@@ -100,6 +100,10 @@ class ReplicaTransport(abc.ABC):
     def load_state_dict(self, state: dict) -> None:
         """Restore :meth:`state_dict` from the replica's own checkpoint."""
 
+    def close(self) -> None:
+        """After training: release what the transport opened itself (static: nothing; the world's
+        groups are destroyed with the default group)."""
+
 
 def clone_on_every_rank(group, timeout: Optional[timedelta] = None):
     """A dedicated clone (same ranks, ``backend=None``) of this rank's ``group`` (None stays None),

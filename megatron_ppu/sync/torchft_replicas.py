@@ -192,6 +192,9 @@ class TorchFTReplicas(ReplicaTransport):
         self._live: Tuple[int, ...] = ()
         self._void = False
         self._retry = False  # the last quorum held a member that is not the run's: ask again
+        # the commit vote waits for every rank of the replica: one of them may still be in a collective that
+        # fails only after --ft-timeout, so the vote waits longer than that (else it raises on the others)
+        self._vote_timeout = timedelta(seconds=2 * config.timeout + 30)
         self._rejoin = False  # healed while behind: the others wait in a sync of theirs (take_rejoin)
         self._observing = False  # the next quorum: present, contributing nothing (observe_next)
         self._primed = False
@@ -309,7 +312,7 @@ class TorchFTReplicas(ReplicaTransport):
             # every running replica's contribution (nothing is discarded); the price is the wait until the
             # lighthouse forms a quorum without the refused member (at most its join timeout).
             self.manager.report_error(RuntimeError("quorum retried without a refused member"))
-            self.manager.should_commit()
+            self.manager.should_commit(timeout=self._vote_timeout)
         logger.warning("sync voided: %d quorums in a row held a refused member", _RETRIED_QUORUMS)
         self._void, self._live = True, ()
         return self._live
@@ -429,6 +432,14 @@ class TorchFTReplicas(ReplicaTransport):
         except Exception as e:  # noqa: BLE001 - any failure of a peer lands here; torchft decides
             logger.warning("cross-replica collective failed (a member left?): %s", e)
             self.manager.report_error(e)
+            # Close this rank's connections of the group now: a live member still waiting in the collective
+            # for data from this one fails at once instead of after --ft-timeout (gloo's ring: the dead
+            # member's neighbours see the failure, the others would wait for them). The next quorum
+            # configures a new group.
+            try:
+                self._pg.abort()
+            except Exception as abort_error:  # noqa: BLE001 - best effort; the next configure replaces it
+                logger.debug("aborting the cross-replica group failed: %s", abort_error)
             return False
 
     def sum_(self, buf: torch.Tensor, *, kind: str = "fp32", block: int = compress.DEFAULT_BLOCK,
@@ -471,7 +482,7 @@ class TorchFTReplicas(ReplicaTransport):
         if self._void:
             self.manager.report_error(RuntimeError("sync voided (a replica behind the others, or refused members "
                                                    "in every retried quorum)"))
-        committed = self.manager.should_commit()
+        committed = self.manager.should_commit(timeout=self._vote_timeout)
         result = committed and bad.item() == 0.0 and bool(self._live)
         if result:
             self.history.append((self.syncs, self._live))

@@ -352,9 +352,12 @@ class Trainer:
         return self.final_eval
 
     def close(self) -> None:
-        """After training: close the scalar sinks (TensorBoard file, W&B run: ``wandb.finish``)."""
+        """After training: close the scalar sinks (TensorBoard file, W&B run: ``wandb.finish``) and the
+        synchroniser's own threads and connections (``--fault-tolerance torchft``: the replica's torchft
+        manager and group; alive at interpreter teardown, a gloo group could abort the finished process)."""
         if self.sinks is not None:
             self.sinks.close()
+        self.sync.close()
 
 
 def run(argv: Optional[List[str]] = None, before_train: Optional[Callable[[Trainer], None]] = None) -> Trainer:
