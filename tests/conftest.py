@@ -56,11 +56,15 @@ SLOW_TIMEOUT_S = 900  # a test with a time bound this long or longer is a long m
 
 def pytest_collection_modifyitems(config, items):
     """Mark ``slow`` every test whose ``@pytest.mark.timeout`` is :data:`SLOW_TIMEOUT_S` or more (the
-    long multi-rank runs), so that the marker follows the bounds; ``@pytest.mark.slow`` also works."""
+    long multi-rank runs), so that the marker follows the bounds; ``@pytest.mark.slow`` also works.
+    Mark ``ft_jobs`` every test of a ``tests/test_fault_tolerance*.py`` module (torchft replica jobs:
+    processes that mostly wait on heartbeats and quorums; ``scripts/test.sh`` runs them beside the rest)."""
     for item in items:
         bound = item.get_closest_marker("timeout")
         if bound is not None and bound.args and bound.args[0] >= SLOW_TIMEOUT_S:
             item.add_marker(pytest.mark.slow)
+        if item.path.name.startswith("test_fault_tolerance"):
+            item.add_marker(pytest.mark.ft_jobs)
 
 
 def pytest_runtest_setup(item):

@@ -40,8 +40,8 @@ def _bf16_delta_worker(rank, world_size, argv, case):
     K = world_size
     captured = []
     for frag in loop.fragments:
-        def reduce(deltas, channels, f=frag.index, orig=frag.reduce):
-            red = orig(deltas, channels)
+        def reduce(deltas, channels, live, f=frag.index, orig=frag.reduce):
+            red = orig(deltas, channels, live)
             captured.append((f, [d.clone() for d in deltas], [o.clone() for o in red.averaged]))
             return red
 
