@@ -27,8 +27,9 @@ One sync (the :class:`ReplicaTransport` contract):
 * :meth:`sum_`: the SUM over the live replicas, an all-reduce in the buffer's dtype or our own int8 /
   fp8 path (:func:`megatron_ppu.sync.compress.quantized_all_reduce_`, which works on CPU; torchft's
   own quantization needs Triton + CUDA and silently falls back to full precision without them). A
-  failed collective (a member died) is reported to the Manager; the remaining calls of the sync are
-  no-ops.
+  failed collective (a member died) is reported to the Manager and aborts this rank's group (meant to
+  let a live member still waiting on this one fail then rather than after ``--ft-timeout``); the
+  remaining calls of the sync are no-ops, and the next quorum configures a new group.
 * :meth:`agree`: the non-finite verdict of every rank of every live replica (MAX over the replica's
   own ranks, then over the cross-replica group) combined with torchft's commit vote
   (``should_commit``: False on every rank of a replica if any of its ranks saw an error). A sync in
