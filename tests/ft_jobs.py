@@ -118,6 +118,15 @@ TORCHRUN = pathlib.Path(sys.executable).parent / "torchrun"
 TRAINER = (str(ROOT / "pretrain_gpt_ppu.py"),)
 
 
+def stop_all(procs: Dict[str, subprocess.Popen], lh: "Lighthouse") -> None:
+    """A test's cleanup: SIGKILL every job of ``procs`` still running (each tree by PID), reap it, stop
+    the lighthouse."""
+    for p in procs.values():
+        kill_tree(p)
+        p.wait(timeout=30)
+    lh.stop()
+
+
 def trainer_cmd(slot: int, k: int, lh: Lighthouse, iters: int, nproc: int = 1, extra=(), script=TRAINER):
     """The torchrun command of replica job ``slot``; ``script``: the program and its leading arguments
     torchrun runs (default: ``pretrain_gpt_ppu.py``; a test's recording or fault-injecting wrapper of it)."""
@@ -217,10 +226,7 @@ def kill_and_restart_the_last_slot(tmp_path, k: int, iters: int, nproc: int = 1,
             assert reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
         assert reap(procs["restarted"], 300) == 0, logs[last].read_text(errors="replace")[-4000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
     assert "quorum at inner step" in killed_log and f"iteration {iters:>9}/" not in killed_log
     q = {s: quorums(logs[s]) for s in range(k)}
     # the restarted job healed from a live peer (at its join quorum, or, having started alone while the

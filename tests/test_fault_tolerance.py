@@ -23,7 +23,7 @@ import pytest
 
 from tests.ft_jobs import (HEARTBEAT_TIMEOUT_S, JOIN_TIMEOUT_S, LIGHTHOUSE, ROOT, Lighthouse, assert_one_model, each,
                            iteration, kill_and_restart_the_last_slot, kill_tree, quorums, reap, records, start,
-                           trainer_cmd, wait_for)
+                           stop_all, trainer_cmd, wait_for)
 
 WORKER = ROOT / "tests" / "ft_transport_worker.py"
 
@@ -313,10 +313,7 @@ def test_trainer_joiner_with_other_hidden_size_and_slices_is_refused_naming_both
         assert refusal and "hidden_size" in refusal[0] and "ppu_slices" in refusal[0], err[-3000:]
         assert reap(procs["slot0"], 600) == 0, logs[0].read_text(errors="replace")[-4000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
     assert "validation loss at iteration 120" in logs[0].read_text(errors="replace")
     # the running job was not disturbed: its losses are those of the same job run alone (reference run,
     # same flags, no joiner: with the live set [0] throughout, the run is deterministic)
@@ -360,10 +357,7 @@ def test_a_replica_left_behind_heals_and_joins_the_others_sync_which_they_keep(t
         for s in range(k):
             assert reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
     text = {s: logs[s].read_text(errors="replace") for s in range(k)}
     assert "healed in the middle of its own older sync" in text[2] and "healed from a live peer; continues at" in \
         text[2], text[2][-4000:]

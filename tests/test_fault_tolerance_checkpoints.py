@@ -35,8 +35,8 @@ import psutil
 
 import pytest
 
-from tests.ft_jobs import (LIGHTHOUSE, Lighthouse, each, iteration, kill_tree, quorums, reap, start, trainer_cmd,
-                           wait_for)
+from tests.ft_jobs import (LIGHTHOUSE, Lighthouse, each, iteration, kill_tree, quorums, reap, start, stop_all,
+                           trainer_cmd, wait_for)
 
 pytestmark = pytest.mark.skipif(not LIGHTHOUSE.exists(), reason="torchft is not installed (scripts/setup_env.sh)")
 
@@ -183,10 +183,7 @@ def test_all_replicas_killed_and_restarted_from_their_own_checkpoints_resume_bit
             assert reap(procs[f"resumed{s}"], 400) == 0, \
                 (tmp_path / f"resumed{s}.log").read_text(errors="replace")[-4000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
 
     logs = {run: {s: tmp_path / f"{run}{s}.log" for s in range(K)} for run in ("ref", "first", "resumed")}
     for s in range(K):
@@ -294,10 +291,7 @@ def test_one_replica_killed_during_a_save_restarts_from_its_older_checkpoint_and
             assert reap(procs[f"slot{s}"], 600) == 0, logs[s].read_text(errors="replace")[-4000:]
         assert reap(procs["restarted"], 300) == 0, logs[victim].read_text(errors="replace")[-4000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
     debris_it = int(debris[len(".iter_"):].split(".")[0])
     assert older >= 8 and debris_it > older
     # the killed job had finished its save of `older` and not that of `debris_it`
@@ -402,10 +396,7 @@ def test_all_restarted_one_from_an_older_checkpoint_it_heals_at_the_start_up_quo
             assert reap(procs[f"resumed{s}"], 400) == 0, \
                 (tmp_path / f"resumed{s}.log").read_text(errors="replace")[-4000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
     logs = {s: tmp_path / f"resumed{s}.log" for s in range(K)}
     for s in range(late):
         text = logs[s].read_text(errors="replace")

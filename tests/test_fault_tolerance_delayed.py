@@ -16,8 +16,8 @@ from typing import Dict
 
 import pytest
 
-from tests.ft_jobs import (LIGHTHOUSE, ROOT, Lighthouse, kill_and_restart_the_last_slot, kill_tree, quorums, reap,
-                           start, wait_for)
+from tests.ft_jobs import (LIGHTHOUSE, ROOT, Lighthouse, kill_and_restart_the_last_slot, quorums, reap, start,
+                           stop_all, wait_for)
 
 pytestmark = pytest.mark.skipif(not LIGHTHOUSE.exists(), reason="torchft is not installed (scripts/setup_env.sh)")
 
@@ -113,10 +113,7 @@ def test_a_member_dying_during_a_delayed_reduction_is_discarded_by_every_survivo
         for s in (0, 1):
             assert reap(procs[s], 240) == 0, (tmp_path / f"slot{s}.log").read_text()[-3000:]
     finally:
-        for p in procs.values():
-            kill_tree(p)
-            p.wait(timeout=30)
-        lh.stop()
+        stop_all(procs, lh)
     assert json.loads(outs[2].read_text())["event"] == "dying"
     # By hand (torch SGD: buf_1 = g_1; Nesterov: θ -= lr (g + μ buf)); x_k local, θ the snapshot.
     # s=2: x = 1.10 / 1.20 / 1.30, launch A over [0, 1, 2]: mean Δ = 0.2.
